@@ -1,0 +1,54 @@
+"""adapt_(model, plan) → PeftModel whose LoRA layers carry the plan's initial weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .plan import Plan
+
+
+def lora_config(plan: Plan, **extra):
+    """The peft LoraConfig that reproduces the plan's per-layer ranks and alphas."""
+    from peft import LoraConfig
+
+    active = plan.active()
+    if not active:
+        raise PlanError("the plan gives every layer rank 0; nothing to adapt")
+    # Full module names as pattern keys: each key then matches exactly one module.
+    return LoraConfig(
+        r=plan.rank,
+        lora_alpha=plan.alpha,
+        target_modules=list(active),
+        rank_pattern={n: lp.rank for n, lp in active.items() if lp.rank != plan.rank},
+        alpha_pattern={n: lp.alpha for n, lp in active.items() if lp.alpha != plan.alpha},
+        lora_dropout=0.0,
+        bias="none",
+        **extra,
+    )
+
+
+@torch.no_grad()
+def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_kwargs):
+    """Wrap `model` in peft LoRA layers as the plan says (in place) and set A, B from the plan.
+
+    Layers with rank 0 get no adapter. Returns the PeftModel.
+    """
+    from peft import get_peft_model
+
+    missing = [n for n, lp in plan.active().items() if lp.lora_A is None]
+    if missing:
+        raise PlanError(f"the plan has no initial weights for {missing[:3]} (a plan loaded from JSON holds no tensors)")
+    peft_model = get_peft_model(model, lora_config(plan, **lora_kwargs), adapter_name=adapter_name)
+    base = peft_model.base_model.model
+    for name, lp in plan.active().items():
+        layer = base.get_submodule(name)
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if a.shape != lp.lora_A.shape or b.shape != lp.lora_B.shape:
+            raise PlanError(f"{name}: peft made A {tuple(a.shape)}, B {tuple(b.shape)}; the plan has "
+                            f"{tuple(lp.lora_A.shape)}, {tuple(lp.lora_B.shape)}")
+        a.copy_(lp.lora_A)
+        b.copy_(lp.lora_B)
+    peft_model.rankwise_plan = plan
+    return peft_model

@@ -1,0 +1,136 @@
+"""Block-by-block execution: cache block inputs, run one block over all batches, move on.
+
+The pattern GPTQ popularised: block i's inputs are block i-1's outputs, so the model never runs
+whole and peak memory is one block plus the cached hidden states, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a forward pass early."""
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place for one pass: calls `on_call(args, kwargs)` instead of the block.
+
+    Attribute reads fall through to the real block (models read e.g. `layer.attention_type`).
+    """
+
+    def __init__(self, inner: nn.Module, on_call):
+        super().__init__()
+        self.__dict__["_inner"] = inner
+        self.__dict__["_on_call"] = on_call
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["_on_call"](args, kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_inner"], name)
+
+
+def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList] | None:
+    """The nn.ModuleList holding the most target modules, as (qualified name, list), or None."""
+    best, best_count = None, 0
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(n.startswith(prefix + ".") for n in names)
+            if count > best_count:
+                best, best_count = (prefix, module), count
+    return best
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+    if args:
+        return args[0], args[1:], dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+class BlockRunner:
+    """Runs calibration one block at a time, feeding each block's outputs to the next."""
+
+    def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, keep):
+        self.model, (self.prefix, self.blocks) = model, blocks
+        self.names, self.recorder, self.stats, self.keep = list(names), recorder, stats, keep
+        n_blocks = len(self.blocks)
+        self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
+        in_blocks = {n for group in self.inside for n in group}
+        self.outside = [n for n in names if n not in in_blocks]
+
+    def _forward_all(self, batches, masks, device, stand_in) -> None:
+        """Full forward passes with every block replaced by stand_in(i, b, args, kwargs)."""
+        from .calibrate import _has_cache, _model_inputs
+
+        originals = list(self.blocks)
+        current = {"b": 0}
+        for i, block in enumerate(originals):
+            self.blocks[i] = _StandIn(block, lambda a, k, i=i: stand_in(i, current["b"], a, k))
+        try:
+            for b, batch in enumerate(batches):
+                current["b"] = b
+                self.recorder.start_batch(masks[b], b)
+                extra = {"use_cache": False} if _has_cache(self.model) else {}
+                try:
+                    self.model(**_model_inputs(batch, device), **extra)
+                except _Stop:
+                    pass
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+
+    def run(self, batches, masks, device, progress: bool) -> None:
+        from .calibrate import finish
+
+        n_blocks, last = len(self.blocks), len(self.blocks) - 1
+        hidden: list[Tensor | None] = [None] * len(batches)
+        calls: list[list] = [[None] * len(batches) for _ in range(n_blocks)]
+
+        def capture(i, b, args, kwargs):
+            h, rest, kw = _split_hidden(args, kwargs)
+            calls[i][b] = (rest, kw)
+            if i == 0:
+                hidden[b] = h
+            if i == last:
+                raise _Stop
+            return h
+
+        # Pass 1: the model's prefix only (embeddings, masks, rotary tables); records each block's call.
+        self.recorder.active = set(self.outside)
+        self._forward_all(batches, masks, device, capture)
+        if any(c is None for row in calls for c in row):
+            raise RuntimeError("blockwise calibration: the model did not call every block; use mode='whole'")
+        finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+
+        final: list = [None] * len(batches)
+        bar = tqdm(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
+        for i, block in enumerate(self.blocks):
+            bar.set_description(f"calibrate block {i + 1}/{n_blocks}")
+            self.recorder.active = set(self.inside[i])
+            for b in range(len(batches)):
+                self.recorder.start_batch(masks[b], b)
+                rest, kw = calls[i][b]
+                out = block(hidden[b], *rest, **kw)
+                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                if i == last:
+                    final[b] = out
+                bar.update(1)
+            calls[i] = None  # this block's arguments are no longer needed
+            finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+        bar.close()
+
+        # Pass 3, only for targets after the blocks (e.g. a pooler): replay the last block's outputs.
+        tail = [n for n in self.outside if n not in self.stats.layers and n not in self.recorder.aliases]
+        if tail:
+            self.recorder.active = set(tail)
+            self._forward_all(batches, masks, device, lambda i, b, a, k: final[b])
+            finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+        del hidden, final
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None

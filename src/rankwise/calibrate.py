@@ -1,0 +1,188 @@
+"""calibrate(model, batches) → Stats: one observing pass, block by block where the model allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .blocks import BlockRunner, find_blocks
+from .errors import CalibrationError
+from .linalg import GramAccumulator
+from .stats import LayerStats, Stats
+from .targets import find_targets
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODES = ("auto", "blockwise", "whole")
+
+
+def token_mask(batch: dict[str, Tensor], use_label_mask: bool = True) -> Tensor:
+    """[batch, seq] bool: tokens whose activations count (attention_mask == 1, labels != -100)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    if use_label_mask and "labels" in batch and batch["labels"].shape == ids.shape:
+        mask = mask & (batch["labels"] != -100)
+    return mask
+
+
+def _select_rows(x: Tensor, mask: Tensor) -> Tensor:
+    """Rows of x [..., d] that belong to selected tokens; inputs without a sequence axis keep all rows."""
+    d = x.shape[-1]
+    if x.shape[:-1] == mask.shape:
+        return x[mask]
+    if x.ndim == 2 and x.shape[0] == mask.shape[0]:  # e.g. a pooler reading one vector per sequence
+        return x
+    if x.numel() // d == mask.numel():
+        return x.reshape(-1, d)[mask.reshape(-1)]
+    return x.reshape(-1, d)
+
+
+class Recorder:
+    """Forward pre-hooks on target modules; each distinct input tensor is measured once.
+
+    Modules reading the very same tensor object (q/k/v, gate/up) are grouped on first sight: the
+    first becomes the canonical entry, the others aliases of it.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.names = list(names)
+        self.acc: dict[str, GramAccumulator] = {}
+        self.aliases: dict[str, str] = {}
+        self.active: set[str] = set()
+        self.mask: Tensor | None = None
+        self.batch_index = 0
+        self._seen: dict[tuple, tuple[Tensor, str]] = {}
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def start_batch(self, mask: Tensor, index: int) -> None:
+        self.mask, self.batch_index = mask, index
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if name in self.active and args and isinstance(args[0], Tensor):
+                self._record(name, args[0])
+
+        return hook
+
+    def _record(self, name: str, x: Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        first = self._seen.get(key)
+        if name not in self.acc and name not in self.aliases:
+            if first is not None:
+                self.aliases[name] = first[1]
+                return
+            self.acc[name] = GramAccumulator(x.shape[-1], device=x.device)
+        if name in self.aliases:
+            if first is None or first[1] != self.aliases[name]:
+                raise CalibrationError(f"{name} shared its input with {self.aliases[name]} once but not in batch {self.batch_index}")
+            return
+        self._seen[key] = (x, name)  # holding x keeps its address from being reused in this forward
+        rows = _select_rows(x, self.mask.to(x.device))
+        if not torch.isfinite(rows).all():
+            raise CalibrationError(
+                f"non-finite activations (NaN or inf) at the input of {name} in batch {self.batch_index}; "
+                "check the model weights and dtype (fp16 overflow?) and the input ids"
+            )
+        self.acc[name].update(rows)
+
+    def pop_stats(self, names: Sequence[str]) -> dict[str, LayerStats]:
+        """Move the finished accumulators of these canonical names into LayerStats."""
+        out = {}
+        for n in names:
+            acc = self.acc.pop(n)
+            out[n] = LayerStats(acc.n, acc.sum, acc.xtx())
+        return out
+
+
+def _model_inputs(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+
+def _check_batches(batches, use_label_mask: bool) -> list[Tensor]:
+    if not batches:
+        raise CalibrationError("no calibration batches: the data source gave nothing to measure")
+    masks = [token_mask(b, use_label_mask) for b in batches]
+    if sum(int(m.sum()) for m in masks) == 0:
+        raise CalibrationError(
+            "every token is masked (attention_mask == 0 or labels == -100): nothing to measure. "
+            "Check the data, or pass use_label_mask=False to measure prompt tokens too."
+        )
+    return masks
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[dict[str, Tensor]],
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    mode: str = "auto",
+    use_label_mask: bool = True,
+    keep: str | int = "full",
+    progress: bool = True,
+) -> Stats:
+    """Measure n, Σx and XᵀX of every target's inputs over `batches` (no weight is touched).
+
+    mode: "blockwise" runs one transformer block at a time over cached hidden states (peak memory:
+    one block, its statistics, the cache); "whole" hooks a full forward; "auto" picks blockwise
+    when the model has a stack of blocks. keep: "full" keeps XᵀX (mergeable, savable); an int k
+    keeps only the top-k centred eigenpairs per module, dropped to that size block by block.
+    """
+    if mode not in MODES:
+        raise CalibrationError(f"mode {mode!r} is not one of {MODES}")
+    names = find_targets(model, targets)
+    masks = _check_batches(batches, use_label_mask)
+    device = next(model.parameters()).device
+    blocks = find_blocks(model, names) if mode != "whole" else None
+    if mode == "blockwise" and blocks is None:
+        raise CalibrationError("blockwise mode needs a model with a stack of blocks (nn.ModuleList) holding the targets")
+    recorder = Recorder(model, names)
+    stats = Stats(order=names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if blocks is None:
+                _run_whole(model, batches, masks, recorder, stats, keep, device, progress)
+            else:
+                BlockRunner(model, blocks, names, recorder, stats, keep).run(batches, masks, device, progress)
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    stats.aliases = dict(recorder.aliases)
+    missing = [n for n in names if n not in stats.layers and n not in stats.aliases]
+    if missing:
+        raise CalibrationError(f"these target modules were never called in the forward pass: {missing[:5]}")
+    empty = [n for n, st in stats.layers.items() if st.n == 0]
+    if empty:
+        raise CalibrationError(f"no unmasked token reached {empty[:5]}; check attention_mask and labels")
+    return stats
+
+
+def finish(recorder: Recorder, stats: Stats, canonical: list[str], keep: str | int) -> None:
+    """Move finished statistics into `stats`, merged across ranks, summarized if keep is an int."""
+    stats.layers.update(recorder.pop_stats(canonical))
+    stats.all_reduce_(canonical)
+    if keep != "full":
+        for n in canonical:
+            stats.layers[n].summarize_(int(keep))
+
+
+def _run_whole(model, batches, masks, recorder, stats, keep, device, progress) -> None:
+    recorder.active = set(recorder.names)
+    for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
+        recorder.start_batch(masks[i], i)
+        model(**_model_inputs(batch, device), use_cache=False) if _has_cache(model) else model(**_model_inputs(batch, device))
+    finish(recorder, stats, list(recorder.acc), keep)
+
+
+def _has_cache(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "use_cache")

@@ -1,0 +1,59 @@
+"""Registry of adapter initialization methods: one file per method, registered by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from ..config import StrictModel
+from ..errors import ConfigError
+from ..stats import LayerStats
+
+
+class InitConfig(StrictModel):
+    """Options every init method shares."""
+
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scaling alpha/rank = 1)
+    allocation: str = "uniform"
+
+
+@dataclass
+class LayerInit:
+    """Initial adapter weights of one layer: A [r, in], B [out, r]."""
+
+    A: Tensor
+    B: Tensor
+
+
+class InitMethod(Protocol):
+    config: type[InitConfig]
+
+    def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
+        """Scores [m ≤ cap], descending, for the allocation to rank across layers."""
+
+    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: InitConfig) -> LayerInit:
+        """Initial A and B for a layer given its rank."""
+
+
+INITS: dict[str, InitMethod] = {}
+
+
+def register_init(name: str):
+    """Class decorator: register an init method under `name`."""
+
+    def wrap(cls):
+        INITS[name] = cls()
+        return cls
+
+    return wrap
+
+
+def get_init(name: str) -> InitMethod:
+    from . import eva  # noqa: F401  (registers on import)
+
+    if name not in INITS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(INITS))}")
+    return INITS[name]

@@ -1,0 +1,44 @@
+"""EVA: Explained Variance Adaptation (Paischer et al. 2024, arXiv:2410.07170)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..stats import LayerStats
+from . import InitConfig, LayerInit, register_init
+
+
+class EvaConfig(InitConfig):
+    """EVA options; semantics follow peft's EvaConfig."""
+
+    rho: float = Field(2.0, ge=1.0)  # each layer offers round(rank·rho) candidate components
+    whiten: bool = False  # scale A's rows like peft: divide by sqrt of the data's singular values
+    adjust_scaling: bool = True  # alpha follows rank so alpha/rank stays as configured
+    allocation: str = "explained-variance"
+
+
+@register_init("eva")
+class Eva:
+    """A = top right-singular vectors of the layer's mean-centred inputs, B = 0.
+
+    The right-singular vectors of the centred inputs X − 1μᵀ [n, d] are the eigenvectors of the
+    scatter Σ(x−μ)(x−μ)ᵀ; the explained-variance ratio of component i is λ_i / tr(scatter)
+    (paper Sec. 3.2). These ratios are the candidates the budget is spread over.
+    """
+
+    config = EvaConfig
+
+    def candidates(self, stats: LayerStats, weight: Tensor, cfg: EvaConfig, cap: int) -> Tensor:
+        vals, _, trace = stats.spectrum(cap)
+        return (vals / trace).float() if trace > 0 else torch.zeros_like(vals, dtype=torch.float32)
+
+    def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: EvaConfig) -> LayerInit:
+        vals, vecs, _ = stats.spectrum(rank)
+        a = vecs[:rank].clone()
+        if cfg.whiten:
+            # peft divides by sqrt(singular value) of the centred data; singular value = sqrt(λ).
+            a = a / vals[:rank].clamp_min(1e-12).pow(0.25)[:, None]
+        b = torch.zeros(weight.shape[0], rank, dtype=torch.float64)
+        return LayerInit(a.to(weight.dtype), b.to(weight.dtype))

