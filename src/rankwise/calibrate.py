@@ -27,9 +27,11 @@ def token_mask(batch: dict[str, Tensor], use_label_mask: bool = True) -> Tensor:
     return mask
 
 
-def _select_rows(x: Tensor, mask: Tensor) -> Tensor:
+def _select_rows(x: Tensor, mask: Tensor, all_selected: bool = False) -> Tensor:
     """Rows of x [..., d] that belong to selected tokens; inputs without a sequence axis keep all rows."""
     d = x.shape[-1]
+    if all_selected:
+        return x.reshape(-1, d)
     if x.shape[:-1] == mask.shape:
         return x[mask]
     if x.ndim == 2 and x.shape[0] == mask.shape[0]:  # e.g. a pooler reading one vector per sequence
@@ -53,12 +55,14 @@ class Recorder:
         self.active: set[str] = set()
         self.mask: Tensor | None = None
         self.batch_index = 0
+        self._all_selected = False
         self._seen: dict[tuple, tuple[Tensor, str]] = {}
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
 
     def start_batch(self, mask: Tensor, index: int) -> None:
         self.mask, self.batch_index = mask, index
+        self._all_selected = bool(mask.all())
         self._seen.clear()
 
     def remove(self) -> None:
@@ -86,20 +90,20 @@ class Recorder:
                 raise CalibrationError(f"{name} shared its input with {self.aliases[name]} once but not in batch {self.batch_index}")
             return
         self._seen[key] = (x, name)  # holding x keeps its address from being reused in this forward
-        rows = _select_rows(x, self.mask.to(x.device))
-        if not torch.isfinite(rows).all():
+        rows = _select_rows(x, self.mask.to(x.device), self._all_selected)
+        # NaN/inf anywhere in the rows makes their float64 sum non-finite: a [d] check, not [n, d].
+        if not torch.isfinite(self.acc[name].update(rows)).all():
             raise CalibrationError(
                 f"non-finite activations (NaN or inf) at the input of {name} in batch {self.batch_index}; "
                 "check the model weights and dtype (fp16 overflow?) and the input ids"
             )
-        self.acc[name].update(rows)
 
     def pop_stats(self, names: Sequence[str]) -> dict[str, LayerStats]:
         """Move the finished accumulators of these canonical names into LayerStats."""
         out = {}
         for n in names:
             acc = self.acc.pop(n)
-            out[n] = LayerStats(acc.n, acc.sum, acc.xtx())
+            out[n] = LayerStats(acc.n, acc.sum, acc.xtx)
         return out
 
 

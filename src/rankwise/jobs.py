@@ -1,0 +1,73 @@
+"""Library entry points behind the CLI subcommands: a config in, files out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from .config import StrictModel
+
+
+class InitJob(StrictModel):
+    """`rankwise init`: calibrate on data, plan an adapter init, adapt, export a peft adapter."""
+
+    model: str = "smollm2"
+    data: str = "pydoc"
+    method: str = "eva"
+    rank: int = Field(8, ge=1)
+    alpha: float | None = None
+    rho: float = Field(2.0, ge=1.0)
+    whiten: bool = False
+    targets: str | list[str] = "all-linear"
+    seq_len: int = Field(256, ge=2)
+    n_samples: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+    use_label_mask: bool = True
+    device: str = "cpu"
+    out: Path = Path("runs/init")
+    save_stats: bool = False
+
+
+def method_options(job: InitJob) -> dict:
+    opts = {"rank": job.rank, "alpha": job.alpha}
+    if job.method == "eva":
+        opts |= {"rho": job.rho, "whiten": job.whiten}
+    return opts
+
+
+def run_init(job: InitJob, progress: bool = True) -> dict:
+    """Run the init job; returns {"plan", "out", "seconds": {...}} after writing job.out."""
+    import torch
+
+    from .adapt import adapt_
+    from .calibrate import calibrate
+    from .data import load_data
+    from .export import export
+    from .plan import plan
+
+    t0 = time.perf_counter()
+    model, tok = load_model_on(job.model, job.device)
+    t1 = time.perf_counter()
+    batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
+    keep = "full" if job.save_stats else max(1, round(job.rank * job.rho))
+    torch.manual_seed(0)
+    stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+    t2 = time.perf_counter()
+    p = plan(stats, model, method=job.method, **method_options(job))
+    peft_model = adapt_(model, p)
+    t3 = time.perf_counter()
+    out = export(peft_model, job.out, plan=p)
+    if job.save_stats:
+        stats.save(out / "stats.safetensors")
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"plan": p, "out": out, "tokens": tokens,
+            "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "plan_adapt": t3 - t2, "export": time.perf_counter() - t3}}
+
+
+def load_model_on(name: str, device: str):
+    from .models import load_model
+
+    model, tok = load_model(name)
+    return model.to(device), tok
