@@ -25,6 +25,7 @@ def lora_config(plan: Plan, **extra):
         alpha_pattern={n: lp.alpha for n, lp in active.items() if lp.alpha != plan.alpha},
         lora_dropout=0.0,
         bias="none",
+        use_rslora=bool(plan.config.get("rslora", False)),
         **extra,
     )
 

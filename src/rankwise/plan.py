@@ -14,6 +14,7 @@ from .budget import ALLOCATIONS, allocate_by_score, allocate_uniform
 from .errors import ConfigError, PlanError
 from .methods import get_init
 from .stats import Stats
+from .targets import find_targets
 
 
 @dataclass
@@ -75,13 +76,18 @@ class Plan:
         return cls(raw["method"], raw["config"], layers)
 
 
-def plan(stats: Stats | None, model: nn.Module, method: str = "eva", **options) -> Plan:
+def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="all-linear", **options) -> Plan:
     """Decide rank, alpha and initial weights for every module in `stats` (model is read, not changed).
 
     options: the method's config keys (rank, alpha, rho, whiten, …); an unknown key is an error.
+    Methods that need no data (e.g. "lora") take stats=None and use `targets` instead.
     """
     impl = get_init(method)
     cfg = impl.config.build(where=f"method {method!r}", **options)
+    if stats is None:
+        if getattr(impl, "needs_stats", True):
+            raise PlanError(f"method {method!r} initializes from data: run calibrate() first and pass its Stats")
+        stats = Stats(order=find_targets(model, targets))
     if cfg.allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation {cfg.allocation!r} is not one of {ALLOCATIONS}")
     if cfg.rank < 1:
@@ -99,7 +105,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", **options) 
     caps = {n: min(round(cfg.rank * cap_mult), *weights[n].shape) for n in names}
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
-        scores = {n: impl.candidates(stats[n], weights[n], cfg, caps[n]) for n in names}
+        scores = {n: impl.candidates(stats[n] if stats.layers else None, weights[n], cfg, caps[n]) for n in names}
     else:
         scores = _group_scores(impl, stats, weights, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
@@ -109,7 +115,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", **options) 
         a = alpha * r / cfg.rank if getattr(cfg, "adjust_scaling", True) else alpha
         lp = LayerPlan(r, float(a), weights[n].shape[1], weights[n].shape[0], [float(v) for v in scores[n][:r]])
         if r > 0:
-            li = impl.init(stats[n], weights[n].detach(), r, cfg)
+            li = impl.init(stats[n] if stats.layers else None, weights[n].detach(), r, cfg, name=n)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
         layers[n] = lp
     resolved = cfg.model_dump() | {"alpha": alpha}

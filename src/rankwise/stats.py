@@ -56,10 +56,12 @@ class LayerStats:
         return vals, vecs, float(torch.diagonal(c).sum())
 
     def summarize_(self, k: int) -> None:
-        """Replace XᵀX by its top-k centred eigenpairs and trace (in place)."""
+        """Replace XᵀX by its top-k centred eigenpairs and trace (XᵀX is centred in place, then dropped)."""
         if self.xtx is None:
             return
-        self.eigvals, self.eigvecs, self.trace = self.spectrum(k)
+        c = self.xtx.addr_(self.sum, self.sum, alpha=-1.0 / max(self.n, 1))
+        self.eigvals, self.eigvecs = top_eigh(c, k)
+        self.trace = float(torch.diagonal(c).sum())
         self.xtx = None
 
     def __add__(self, other: LayerStats) -> LayerStats:

@@ -34,7 +34,7 @@ class InitMethod(Protocol):
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
         """Scores [m ≤ cap], descending, for the allocation to rank across layers."""
 
-    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: InitConfig) -> LayerInit:
+    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: InitConfig, name: str = "") -> LayerInit:
         """Initial A and B for a layer given its rank."""
 
 
@@ -52,7 +52,7 @@ def register_init(name: str):
 
 
 def get_init(name: str) -> InitMethod:
-    from . import eva  # noqa: F401  (registers on import)
+    from . import eva, lora  # noqa: F401  (registering happens on import)
 
     if name not in INITS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(INITS))}")

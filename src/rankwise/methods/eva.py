@@ -34,7 +34,7 @@ class Eva:
         vals, _, trace = stats.spectrum(cap)
         return (vals / trace).float() if trace > 0 else torch.zeros_like(vals, dtype=torch.float32)
 
-    def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: EvaConfig) -> LayerInit:
+    def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: EvaConfig, name: str = "") -> LayerInit:
         vals, vecs, _ = stats.spectrum(rank)
         a = vecs[:rank].clone()
         if cfg.whiten:

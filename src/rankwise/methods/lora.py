@@ -1,0 +1,41 @@
+"""Random LoRA init (Hu et al. 2021; peft's default): A Kaiming-uniform, B = 0; needs no data."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import Tensor
+
+from ..stats import LayerStats
+from . import InitConfig, LayerInit, register_init
+
+
+class LoraInitConfig(InitConfig):
+    """Options of the random init; `seed` makes A reproducible per layer."""
+
+    seed: int = 0
+    rslora: bool = False  # scale alpha/sqrt(rank) instead of alpha/rank (Kalajdzievski 2023)
+
+
+@register_init("lora")
+class RandomLora:
+    """A ~ U(-b, b) with b = 1/sqrt(in_features) (kaiming_uniform_ with a = sqrt(5), as nn.Linear and peft)."""
+
+    config = LoraInitConfig
+    needs_stats = False
+
+    def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: LoraInitConfig, cap: int) -> Tensor:
+        return torch.zeros(0)
+
+    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: LoraInitConfig, name: str = "") -> LayerInit:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + _stable_hash(name))
+        a = torch.empty(rank, weight.shape[1])
+        bound = 1 / math.sqrt(weight.shape[1])
+        a.uniform_(-bound, bound, generator=g)
+        return LayerInit(a.to(weight.dtype), torch.zeros(weight.shape[0], rank, dtype=weight.dtype))
+
+
+def _stable_hash(name: str) -> int:
+    return zlib.crc32(name.encode())

@@ -1,0 +1,31 @@
+"""The CUDA path (skipped without a GPU): statistics and adapters on the GPU equal the CPU's."""
+
+import pytest
+import torch
+
+import rankwise as rw
+
+from conftest import make_batches, tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_calibrate_and_adapt_on_cuda():
+    batches = make_batches(n_batches=4, batch=4, seq=16, labels=True)
+    cpu = rw.calibrate(tiny_llama(), batches, progress=False)
+    model = tiny_llama().cuda()
+    gpu = rw.calibrate(model, batches, progress=False)
+    for name in cpu.layers:
+        assert gpu[name].xtx.device.type == "cuda" and gpu[name].n == cpu[name].n
+        # TF32 may be on for matmuls on the GPU; 1e-3 covers its 10-bit mantissa, fp32 gives ~1e-6
+        rel = float((gpu[name].xtx.cpu() - cpu[name].xtx).norm() / cpu[name].xtx.norm())
+        assert rel <= (1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5)
+    p = rw.plan(gpu, model, rank=4)
+    pm = rw.adapt_(model, p)
+    b = {k: v.cuda() for k, v in batches[0].items()}
+    with torch.no_grad():
+        assert torch.isfinite(pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits).all()
+    summarized = rw.calibrate(tiny_llama().cuda(), batches, keep=8, progress=False)
+    name = cpu.order[0]
+    from rankwise.linalg import subspace_cos2
+    assert subspace_cos2(summarized[name].eigvecs.cpu(), cpu[name].spectrum(8)[1]) >= 1 - 1e-4
