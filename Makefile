@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: SmolLM2 + EVA on the embedded corpus; held-out perplexity before/after; adapter,
+# merged model and report under runs/demo (about 5 minutes on 2 CPU cores).
 demo: $(STAMP)
-	$(VENV)/bin/rankwise init --model smollm2 --data pydoc --method eva --rank 8 --out runs/demo
+	$(VENV)/bin/rankwise train --model smollm2 --data pydoc --method eva --rank 8 \
+		--seq-len 128 --steps 60 --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/eva_init.py
+	$(PY) benchmarks/convergence.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -66,6 +66,27 @@ def batches():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT using all-MiniLM-L6-v2's tokenizer (from its package, no download)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from rankwise.models import embedded_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_model_dir(path):
     """A tiny Llama saved with a small byte-level BPE tokenizer trained on the pydoc corpus."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -83,7 +104,6 @@ def tiny_model_dir(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path

@@ -45,9 +45,14 @@ def test_local_folder_loads(tiny_model_dir):
 
 
 def test_pydoc_split_is_deterministic_and_disjoint():
+    from pydoc_data.topics import topics
+
     train, held = pydoc_texts("train"), pydoc_texts("eval")
-    assert train == pydoc_texts("train") and len(held) > 0 and len(train) > 5 * len(held)
-    assert not set(train) & set(held)
+    assert train == pydoc_texts("train") and held == pydoc_texts("eval")
+    total = sum(len([p for p in t.split("\n\n") if p.strip()]) for t in topics.values())
+    assert len(train) + len(held) == total  # every paragraph in exactly one split (some texts repeat)
+    share = sum(map(len, held)) / sum(map(len, train + held))
+    assert 0.05 <= share <= 0.2  # about a tenth of the text is held out
 
 
 def test_load_data_pydoc_shapes(tiny_model_dir):

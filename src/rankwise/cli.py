@@ -51,7 +51,7 @@ def init(
     from .jobs import InitJob, run_init
     from .report import print_plan
 
-    target_spec = targets[3:] if targets.startswith("re:") else (targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
+    target_spec = _target_spec(targets)
     job = InitJob.build(where="rankwise init", model=model, data=data, method=method, rank=rank, alpha=alpha, rho=rho,
                         whiten=whiten, targets=target_spec, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
                         use_label_mask=use_label_mask, device=device, out=out, save_stats=save_stats)
@@ -63,9 +63,116 @@ def init(
     console.print(f"adapter written to [bold]{result['out']}[/bold] (load with peft.PeftModel.from_pretrained(base, '{result['out']}'))")
 
 
+config_app = typer.Typer(help="Show run configurations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = typer.Option(None, help="Resolve this YAML file instead of the defaults.")):
+    """Print a complete run config (defaults, or a file resolved against them) as commented YAML."""
+    from .configdoc import commented_yaml
+    from .runs import RunConfig, load_config
+
+    console.print(commented_yaml(load_config(config) if config else RunConfig()), markup=False, highlight=False)
+
+
+_TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_data": "data.eval", "method": "init.method",
+                "rank": "init.rank", "alpha": "init.alpha", "rho": "init.rho", "targets": "init.targets",
+                "steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+                "seq_len": "data.seq_len", "seed": "train.seed", "out": "out", "device": "device", "merge": "merge"}
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, help="YAML run config (see `rankwise config show`); flags below override it."),
+    model: Optional[str] = typer.Option(None, help="Model: 'smollm2', 'minilm', a local HF folder or a .gguf file."),
+    task: Optional[str] = typer.Option(None, help="'causal-lm' or 'seq-cls' (classification head trained with the adapter)."),
+    data: Optional[str] = typer.Option(None, help="Training data: 'pydoc', .txt, .jsonl (text | prompt+completion | messages), .csv/.tsv."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out data (default: a deterministic 10% of the training data)."),
+    method: Optional[str] = typer.Option(None, help="Adapter init: 'eva' (data-driven) or 'lora' (random, peft's default)."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank r."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha at rank r (default r)."),
+    rho: Optional[float] = typer.Option(None, help="EVA: max rank per layer = round(r·rho)."),
+    targets: Optional[str] = typer.Option(None, help="'all-linear', comma-separated names, or 're:<regex>'."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (linear warmup, cosine decay)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    seq_len: Optional[int] = typer.Option(None, help="Maximum tokens per sequence (longer ones are truncated and counted)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order and init."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (config.yaml, metrics.jsonl, plan.json, adapter/, merged/, report.md)."),
+    device: Optional[str] = typer.Option(None, help="Torch device."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Also write merged/ (adapter folded into the weights)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Fine-tune with an adapter: calibrate, initialize (EVA by default), train, evaluate, export, report."""
+    from .runs import load_config, run_train
+
+    given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
+    overrides = {_TRAIN_FLAGS[k]: v for k, v in given.items()}
+    if "init.targets" in overrides:
+        overrides["init.targets"] = _target_spec(overrides["init.targets"])
+    if "out" in overrides:
+        overrides["out"] = str(overrides["out"])
+    cfg = load_config(config, overrides)
+    summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=console.print)
+    console.print(f"run folder: [bold]{cfg.out}[/bold] — report.md, adapter/ (peft)" + (", merged/" if cfg.merge else "") +
+                  f", metrics.jsonl ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="Base model (name, folder or .gguf), or a merged/ folder."),
+    adapter: Optional[Path] = typer.Option(None, help="A peft adapter folder to apply on the base model."),
+    data: str = typer.Option("pydoc", help="Data to evaluate on (for 'pydoc', its held-out topics)."),
+    metric: str = typer.Option("perplexity", help="'perplexity', 'accuracy' (classification) or 'exact-match' (GSM8K-style jsonl)."),
+    seq_len: int = typer.Option(256, help="Perplexity window / max tokens per example."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride (default: half the window)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate at most this many examples (or tokens for perplexity)."),
+    prompt_field: str = typer.Option("question", help="exact-match: prompt field."),
+    answer_field: str = typer.Option("answer", help="exact-match: reference field (final number after '####')."),
+    text_field: str = typer.Option("text", help="Text field of .jsonl/.csv/.tsv data."),
+    label_field: str = typer.Option("label", help="accuracy: label field."),
+    max_new_tokens: int = typer.Option(256, help="exact-match: generation length."),
+):
+    """Evaluate a model or base+adapter on a dataset; prints one JSON line of metrics."""
+    import json
+
+    from .evaluate_cli import run_eval
+
+    result = run_eval(model, adapter, data, metric, seq_len=seq_len, stride=stride or max(1, seq_len // 2), limit=limit, prompt_field=prompt_field,
+                      answer_field=answer_field, text_field=text_field, label_field=label_field, max_new_tokens=max_new_tokens)
+    console.print(json.dumps(result), markup=False, highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    adapter: Path = typer.Argument(..., help="A peft adapter folder (e.g. runs/demo/adapter)."),
+    out: Path = typer.Option(..., help="Where to write the merged model (transformers folder)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the adapter)."),
+):
+    """Merge an adapter into its base model and save a folder `AutoModel*.from_pretrained` loads."""
+    from .evaluate_cli import merge_adapter
+
+    console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
+
+
+def _target_spec(targets: str):
+    if targets.startswith("re:"):
+        return targets[3:]
+    return targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+
+
 def main() -> None:
+    from .train import TrainingInterrupted
+
     try:
         app()
+    except TrainingInterrupted as e:
+        err.print(f"[bold yellow]{e}[/bold yellow]", highlight=False)
+        sys.exit(130)
     except RankwiseError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         sys.exit(2)

@@ -23,12 +23,23 @@ class StrictModel(BaseModel):
             raise ConfigError(_explain(cls, e, where)) from None
 
 
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the (nested) model that holds the key at `loc`."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
 def _explain(cls: type[BaseModel], err: ValidationError, where: str) -> str:
-    valid = list(cls.model_fields)
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(root)"
         if item["type"] == "extra_forbidden":
+            valid = _fields_at(cls, item["loc"])
             near = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{where}: unknown key {key!r}{hint}")

@@ -1,65 +1,62 @@
-"""Data sources → token batches: the embedded pydoc corpus, plain text, jsonl."""
+"""Data sources → examples → batches: the embedded pydoc corpus, .txt, .jsonl, .csv/.tsv."""
 
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from .errors import DataError
+from .formats import IGNORE, Fields, cls_example, lm_example, read_rows
 
 SPLITS = ("train", "eval")
-IGNORE = -100
+TASKS = ("causal-lm", "seq-cls")
+
+
+class DataConfig(Fields):
+    """Where the data is and how to read it. Without `eval`, a deterministic slice of `train` is held out."""
+
+    train: str = "pydoc"
+    eval: str | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    labels: list[str] | None = None  # classification label set (default: sorted labels seen in train)
+    seq_len: int = Field(256, ge=8)
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 64  # held-out loss runs every eval_every steps: keep it quick
+
+
+@dataclass
+class Dataset:
+    """Tokenized examples: (ids, labels list) for causal LM, (ids, class index) for classification."""
+
+    examples: list
+    task: str
+    source: str
+    truncated: int = 0
+    dropped: int = 0
+    label_names: list[str] | None = None
+    tokens: int = field(default=0)
 
 
 def pydoc_texts(split: str = "train") -> list[str]:
-    """Python's own documentation topics (shipped with CPython), split ~90/10 by a hash of the topic name."""
+    """Python's own documentation (shipped with CPython): its paragraphs, split ~90/10 by a hash of
+    (topic, paragraph index). There are only 79 topics, so splitting by topic left a thin held-out set."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {SPLITS}")
     from pydoc_data.topics import topics
 
-    def held_out(key: str) -> bool:
-        return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10 == 0
-
-    keys = sorted(k for k in topics if held_out(k) == (split == "eval"))
-    return [topics[k] for k in keys]
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
-
-
-def _jsonl_examples(path: Path, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record: `text` (all tokens scored) or `prompt`+`completion` (prompt masked)."""
     out = []
-    for lineno, row in _read_jsonl(path):
-        if "text" in row:
-            ids = tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
-            labels = list(ids)
-        elif "prompt" in row and "completion" in row:
-            p = tokenizer(str(row["prompt"]), add_special_tokens=True)["input_ids"]
-            c = tokenizer(str(row["completion"]), add_special_tokens=False)["input_ids"]
-            ids, labels = p + c, [IGNORE] * len(p) + c
-        else:
-            raise DataError(
-                f"{path}:{lineno}: no 'text' field (nor 'prompt' and 'completion'); keys are {sorted(row)}"
-            )
-        out.append((ids[:seq_len], labels[:seq_len]))
+    for key in sorted(topics):
+        paragraphs = [p for p in topics[key].split("\n\n") if p.strip()]
+        out += [p for i, p in enumerate(paragraphs) if _held_out(f"{key}:{i}", 0.1) == (split == "eval")]
     return out
+
+
+def _held_out(key: str, fraction: float) -> bool:
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10_000 < fraction * 10_000
 
 
 def _pack(texts: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -74,48 +71,106 @@ def _pack(texts: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], li
     return [(b, list(b)) for b in blocks]
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels tensors."""
+def _text_split(source: str, split: str | None, fraction: float) -> list[str]:
+    """Documents of a plain-text source (paragraphs of a .txt file); split=None: all of them."""
+    if source == "pydoc":
+        return pydoc_texts(split or "train")  # the embedded corpus keeps its held-out topics apart
+    docs = [d for d in Path(source).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if split is None:
+        return docs
+    return [d for i, d in enumerate(docs) if _held_out(str(i), fraction) == (split == "eval")]
+
+
+def read_examples(source: str, tokenizer, task: str, seq_len: int, split: str | None, fraction: float,
+                  fields: Fields, label_names: list[str] | None = None) -> Dataset:
+    """Tokenize one source; split=None takes it whole, else keeps the train or eval slice."""
+    if task not in TASKS:
+        raise DataError(f"task {task!r} is not one of {TASKS}")
+    path = Path(source)
+    if source != "pydoc" and not path.exists():
+        raise DataError(f"data file {path} does not exist (or use the embedded corpus: 'pydoc')")
+    if source == "pydoc" or path.suffix not in (".jsonl", ".csv", ".tsv"):
+        if task != "causal-lm":
+            raise DataError(f"{source}: classification needs a .jsonl/.csv/.tsv file with text and label fields")
+        return Dataset(_pack(_text_split(source, split, fraction), tokenizer, seq_len), task, source)
+    rows = read_rows(path)
+    if split is not None:
+        rows = [r for i, r in enumerate(rows) if _held_out(str(i), fraction) == (split == "eval")]
+    if task == "seq-cls":
+        names = label_names or sorted({str(r.get(fields.label_field, "")).strip() for _, r in rows} - {""})
+        ids = {n: i for i, n in enumerate(names)}
+        examples = [cls_example(r, f"{path}:{ln}", tokenizer, fields, ids) for ln, r in rows]
+        ds = Dataset(examples, task, source, label_names=names)
+    else:
+        ds = Dataset([lm_example(r, f"{path}:{ln}", tokenizer, fields) for ln, r in rows], task, source)
+    return _truncate(ds, seq_len)
+
+
+def _truncate(ds: Dataset, seq_len: int) -> Dataset:
+    kept = []
+    for ex in ds.examples:
+        ids, lab = ex
+        if len(ids) > seq_len:
+            ds.truncated += 1
+            ids, lab = ids[:seq_len], (lab[:seq_len] if isinstance(lab, list) else lab)
+        if isinstance(lab, list) and all(t == IGNORE for t in lab):
+            ds.dropped += 1  # nothing left to learn from (e.g. the prompt filled the whole window)
+            continue
+        kept.append((ids, lab))
+    ds.examples = kept
+    return ds
+
+
+def load_dataset(cfg: DataConfig, tokenizer, task: str = "causal-lm") -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets; eval comes from cfg.eval, or from a deterministic slice of cfg.train."""
+    split = None if cfg.eval else "train"
+    train = read_examples(cfg.train, tokenizer, task, cfg.seq_len, split, cfg.eval_fraction, cfg, cfg.labels)
+    if cfg.eval:
+        ev = read_examples(cfg.eval, tokenizer, task, cfg.seq_len, None, cfg.eval_fraction, cfg, train.label_names)
+    else:
+        ev = read_examples(cfg.train, tokenizer, task, cfg.seq_len, "eval", cfg.eval_fraction, cfg, train.label_names)
+    for ds, cap, name in ((train, cfg.max_train_examples, "train"), (ev, cfg.max_eval_examples, "eval")):
+        if cap is not None:
+            ds.examples = ds.examples[:cap]
+        if not ds.examples:
+            raise DataError(f"{name} data from {ds.source!r} is empty after splitting, truncation to seq_len={cfg.seq_len} "
+                            f"and filtering ({ds.dropped} example(s) had no scored token left)")
+        ds.tokens = sum(len(ids) for ids, _ in ds.examples)
+    return train, ev
+
+
+def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into input_ids, attention_mask, labels ([B, T], or [B] class indices)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    classify = not isinstance(examples[0][1], list)
+    labels = torch.tensor([lab for _, lab in examples]) if classify else torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for i, (ids, lab) in enumerate(examples):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
+        if not classify:
+            labels[i, : len(lab)] = torch.tensor(lab)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def load_data(
-    source: str | Path,
-    tokenizer,
-    seq_len: int = 256,
-    n: int | None = 32,
-    batch_size: int = 4,
-    split: str = "train",
-) -> list[dict[str, torch.Tensor]]:
-    """Token batches from `source`: "pydoc" (embedded corpus), a .txt file (packed) or a .jsonl file.
+def batchify(examples: list, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
 
-    Returns a list of dicts with input_ids, attention_mask and labels ([batch, seq] long tensors);
-    labels are -100 on padding and prompt tokens. `n` caps the number of sequences (None: all).
+
+def load_data(source: str | Path, tokenizer, seq_len: int = 256, n: int | None = 32, batch_size: int = 4,
+              split: str = "train", task: str = "causal-lm", fields: Fields | None = None) -> list[dict[str, torch.Tensor]]:
+    """Token batches from `source`: "pydoc" (embedded corpus), .txt (packed), .jsonl, .csv or .tsv.
+
+    Returns dicts with input_ids, attention_mask and labels (-100 on padding and prompt tokens).
+    Files are read whole (split="train" on pydoc gives its training topics). `n` caps the sequences.
     """
     if seq_len < 2 or batch_size < 1:
         raise DataError(f"seq_len must be ≥ 2 and batch_size ≥ 1 (got {seq_len}, {batch_size})")
-    if str(source) == "pydoc":
-        examples = _pack(pydoc_texts(split), tokenizer, seq_len)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"data file {path} does not exist (or use the embedded corpus: 'pydoc')")
-        if path.suffix == ".jsonl":
-            examples = _jsonl_examples(path, tokenizer, seq_len)
-        else:
-            examples = _pack([path.read_text(encoding="utf-8")], tokenizer, seq_len)
-    examples = [e for e in examples if e[0]]
-    if n is not None:
-        examples = examples[:n]
+    split_arg = split if str(source) == "pydoc" else None
+    ds = read_examples(str(source), tokenizer, task, seq_len, split_arg, 0.1, fields or Fields())
+    examples = ds.examples[:n] if n is not None else ds.examples
     if not examples:
         raise DataError(f"data source {str(source)!r} gave no sequences of tokens (is it empty or shorter than seq_len={seq_len}?)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    return batchify(examples, tokenizer, batch_size)

@@ -43,3 +43,21 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Fold the adapter into a copy of the base weights and save a plain transformers folder."""
+    import copy
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,68 @@
+"""A run config as YAML with a comment on every key (for `rankwise config show`)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from pydantic import BaseModel
+
+COMMENTS = {
+    "model": "'smollm2', 'minilm', a local Hugging Face folder or a .gguf file (nothing is downloaded)",
+    "task": "causal-lm (next-token SFT) or seq-cls (classification; a fresh head trains with the adapter)",
+    "device": "torch device: cpu, cuda, cuda:1, …",
+    "out": "run folder: config.yaml, metrics.jsonl, plan.json, adapter/, merged/, report.md, checkpoints/",
+    "merge": "also save merged/: the adapter folded into the weights, loadable without peft",
+    "data": "where the data is and how to read it",
+    "data.train": "'pydoc' (embedded Python docs), .txt (packed), .jsonl (text | prompt+completion | messages), .csv/.tsv",
+    "data.eval": "held-out file; null = a deterministic slice (eval_fraction) of train",
+    "data.eval_fraction": "share of train held out when eval is null",
+    "data.labels": "classification label set; null = the sorted labels found in train",
+    "data.seq_len": "max tokens per example (longer ones are truncated and counted); block size for plain text",
+    "data.max_train_examples": "cap on training examples (null = all)",
+    "data.max_eval_examples": "cap on held-out examples (null = all)",
+    "data.text_field": "field names in your records", "data.prompt_field": "", "data.completion_field": "",
+    "data.messages_field": "", "data.label_field": "",
+    "init": "how the adapter starts",
+    "init.method": "eva (data-driven, Paischer et al. 2024) or lora (random A, peft's default)",
+    "init.rank": "LoRA rank r; the budget is r × number of target layers",
+    "init.alpha": "LoRA alpha at rank r (null = r); scaled with each layer's rank so alpha/rank stays fixed",
+    "init.rho": "EVA: a layer may take up to round(r·rho) ranks (1 = uniform)",
+    "init.whiten": "EVA: whiten A's rows (peft's semantics)",
+    "init.targets": "'all-linear', a list of names/suffixes, or a regex on full module names",
+    "init.calib_samples": "EVA: training examples measured for the init",
+    "init.calib_batch_size": "EVA: examples per calibration forward pass",
+    "init.use_label_mask": "EVA: leave prompt tokens (label -100) out of the statistics",
+    "train": "one loop for every method",
+    "train.steps": "optimizer steps", "train.batch_size": "examples per micro-batch",
+    "train.grad_accum": "micro-batches per optimizer step", "train.lr": "peak learning rate",
+    "train.weight_decay": "AdamW weight decay", "train.warmup_steps": "linear warmup steps",
+    "train.min_lr_ratio": "cosine decay ends at lr × this", "train.max_grad_norm": "gradient clipping",
+    "train.eval_every": "held-out loss every N steps", "train.save_every": "checkpoint every N steps",
+    "train.keep_checkpoints": "how many checkpoints to keep", "train.seed": "data order and init seed",
+    "eval": "held-out evaluation before and after training",
+    "eval.window": "perplexity window (tokens)", "eval.stride": "perplexity stride (tokens)",
+    "eval.max_tokens": "cap on held-out tokens scored for perplexity",
+}
+
+
+def commented_yaml(cfg: BaseModel) -> str:
+    """YAML of cfg with `# comment` lines above each key."""
+    data = json.loads(cfg.model_dump_json())
+    lines: list[str] = ["# rankwise run config: `rankwise train --config this.yaml` (flags override keys)"]
+    _emit(data, "", 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(data: dict, prefix: str, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if COMMENTS.get(dotted):
+            lines.append(f"{pad}# {COMMENTS[dotted]}")
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            _emit(value, dotted + ".", indent + 1, lines)
+        else:
+            dumped = yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip()
+            lines.append(pad + dumped.removeprefix("{").removesuffix("}"))

@@ -1,0 +1,111 @@
+"""evaluate: perplexity (sliding window), classification accuracy, GSM8K-style exact match."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import DataError
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128, batch_size: int = 4,
+               progress: bool = False) -> dict:
+    """Perplexity of one token stream with a sliding window (Press et al.'s strided evaluation).
+
+    Windows of `window` tokens start every `stride`; each scores only the tokens the previous window
+    did not, so every token after the first is predicted once, with up to window − stride tokens of
+    context. Returns {"perplexity", "nll", "tokens"}.
+    """
+    if len(token_ids) < 2:
+        raise DataError("perplexity needs at least 2 tokens")
+    if not 0 < stride <= window:
+        raise DataError(f"stride must be in (0, window]; got stride={stride}, window={window}")
+    device = next(model.parameters()).device
+    jobs, prev_end = [], 0
+    for begin in range(0, len(token_ids) - 1, stride):
+        end = min(begin + window, len(token_ids))
+        jobs.append((begin, end, end - max(prev_end, begin + 1)))  # tokens scored in this window
+        prev_end = end
+        if end == len(token_ids):
+            break
+    was = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="perplexity", leave=False):
+        chunk = jobs[i : i + batch_size]
+        width = max(e - b for b, e, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, (b, e, n_new) in enumerate(chunk):
+            seq = torch.tensor(token_ids[b:e])
+            ids[r, : e - b], mask[r, : e - b] = seq, 1
+            labels[r, e - b - n_new : e - b] = seq[-n_new:]
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        tgt = labels[:, 1:].to(device)
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((tgt != -100).sum())
+    model.train(was)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+@torch.no_grad()
+def accuracy(model, batches: list[dict]) -> dict:
+    """Classification accuracy over batches with [B] integer labels."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
+        total += b["labels"].numel()
+    model.train(was)
+    return {"accuracy": correct / max(total, 1), "examples": total}
+
+
+def final_number(text: str) -> str | None:
+    """The answer in GSM8K style: the number after '####', else the last number in the text."""
+    tail = text.split("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    value = (found[0] if "####" in text else found[-1]).replace(",", "").rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 256,
+                batch_size: int = 8, progress: bool = False) -> dict:
+    """Greedy, batched generation; score = final number of the output == final number of the reference."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    was = model.training
+    model.eval()
+    hits, outputs = 0, []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate", leave=False):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for text, ref in zip(texts, answers[i : i + batch_size]):
+                ok = final_number(text) is not None and final_number(text) == final_number(ref)
+                hits += ok
+                outputs.append({"output": text, "reference": ref, "correct": bool(ok)})
+    finally:
+        tokenizer.padding_side = side
+        model.train(was)
+    return {"exact_match": hits / max(len(prompts), 1), "examples": len(prompts), "outputs": outputs}

@@ -1,0 +1,191 @@
+"""run_train(cfg): the whole pipeline into one run directory — calibrate, plan, adapt, evaluate,
+train, evaluate, export adapter (+ merged model), report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import Field
+
+from .config import StrictModel
+from .data import DataConfig, Dataset, batchify, load_dataset
+from .errors import ConfigError
+from .train import TrainConfig
+
+
+class InitSection(StrictModel):
+    """How the adapter starts: method, rank budget, and the calibration data it measures."""
+
+    method: str = "eva"
+    rank: int = Field(8, ge=1)
+    alpha: float | None = None  # default: rank (alpha/rank = 1), scaled with each layer's rank
+    rho: float = Field(2.0, ge=1.0)  # EVA only
+    whiten: bool = False  # EVA only
+    targets: str | list[str] = "all-linear"
+    calib_samples: int = Field(32, ge=1)
+    calib_batch_size: int = Field(4, ge=1)
+    use_label_mask: bool = True
+
+
+class EvalSection(StrictModel):
+    """Held-out evaluation before and after training."""
+
+    window: int = Field(256, ge=8)  # perplexity window (tokens)
+    stride: int = Field(128, ge=1)
+    max_tokens: int = Field(4096, ge=16)  # cap on the held-out token stream for perplexity
+
+
+class RunConfig(StrictModel):
+    """`rankwise train`: everything one run needs. `rankwise config show` prints it with defaults."""
+
+    model: str = "smollm2"
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    device: str = "cpu"
+    out: Path = Path("runs/demo")
+    merge: bool = True  # also write merged/ (base + adapter folded in, loadable without peft)
+    data: DataConfig = DataConfig()
+    init: InitSection = InitSection()
+    train: TrainConfig = TrainConfig()
+    eval: EvalSection = EvalSection()
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML config (optional), apply dotted overrides ({"train.lr": 1e-3}), validate strictly."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return RunConfig.build(where=str(path) if path else "config", **raw)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not (out / "config.yaml").exists():
+            raise ConfigError(f"{out} exists and is not a rankwise run folder; choose another --out")
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def head_modules(model) -> list[str]:
+    """Leaf names of task heads to train whole next to the adapter (classification)."""
+    from .targets import _head_names
+
+    return sorted({n.split(".")[-1] for n in _head_names(model) if n})
+
+
+def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
+    from .evaluate import accuracy, perplexity
+
+    if cfg.task == "seq-cls":
+        return accuracy(model, batchify(ds.examples, tok, cfg.train.batch_size))
+    stream = [t for ids, _ in ds.examples for t in ids][: cfg.eval.max_tokens]
+    return perplexity(model, stream, window=cfg.eval.window, stride=min(cfg.eval.stride, cfg.eval.window))
+
+
+def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+              log=print) -> dict:
+    """Run the full pipeline; returns a summary dict (also written to summary.json)."""
+    from .adapt import adapt_
+    from .calibrate import calibrate
+    from .export import export, export_merged
+    from .methods import get_init
+    from .models import load_model
+    from .plan import Plan, plan
+    from .report import write_report
+    from .train import train
+
+    out, t0 = Path(cfg.out), time.perf_counter()
+    _prepare_out(out, resume, overwrite)
+    _write_atomic(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    torch.manual_seed(cfg.train.seed)
+    labels = _label_names(cfg)
+    model, tok = load_model(cfg.model, task=cfg.task, num_labels=len(labels) if labels else None)
+    model.to(cfg.device)
+    if labels:
+        cfg.data.labels = labels
+    train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
+    log(f"data: {len(train_ds.examples)} train / {len(eval_ds.examples)} eval examples; "
+        f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
+        f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
+    impl, stats = get_init(cfg.init.method), None
+    if getattr(impl, "needs_stats", True):
+        calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
+        stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask,
+                          keep=round(cfg.init.rank * cfg.init.rho), progress=progress)
+    options = {"rank": cfg.init.rank, "alpha": cfg.init.alpha}
+    if cfg.init.method == "eva":
+        options |= {"rho": cfg.init.rho, "whiten": cfg.init.whiten}
+    elif cfg.init.method == "lora":
+        options |= {"seed": cfg.train.seed}
+    p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, **options)
+    p.save(out / "plan.json")
+    extra = {"modules_to_save": head_modules(model)} if cfg.task == "seq-cls" else {}
+    model = adapt_(model, p, **extra)
+    before = _previous(out) if resume and (out / "before.json").exists() else held_out_metrics(model, tok, eval_ds, cfg)
+    _write_atomic(out / "before.json", json.dumps(before))
+    log(f"held-out before training: {_fmt(before)}")
+    hint = f"rankwise train --config {out / 'config.yaml'} --resume"
+    result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
+    after = held_out_metrics(model, tok, eval_ds, cfg)
+    log(f"held-out after {result.step} steps: {_fmt(after)}")
+    export(model, out / "adapter", plan=p)
+    tok.save_pretrained(out / "adapter")
+    if cfg.merge:
+        export_merged(model, tok, out / "merged")
+    summary = {"before": before, "after": after, "steps": result.step, "seconds": time.perf_counter() - t0,
+               "train_examples": len(train_ds.examples), "eval_examples": len(eval_ds.examples),
+               "truncated": train_ds.truncated + eval_ds.truncated, "labels": labels}
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
+    return summary
+
+
+def _label_names(cfg: RunConfig) -> list[str] | None:
+    if cfg.task != "seq-cls":
+        return None
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    from .formats import read_rows
+
+    rows = read_rows(Path(cfg.data.train))
+    names = sorted({str(r.get(cfg.data.label_field, "")).strip() for _, r in rows} - {""})
+    if not names:
+        raise ConfigError(f"{cfg.data.train}: no values in label field '{cfg.data.label_field}'")
+    return names
+
+
+def _previous(out: Path) -> dict:
+    return json.loads((out / "before.json").read_text())
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))

@@ -1,0 +1,238 @@
+"""train(model, train, eval, cfg): one loop for every method — AdamW, warmup + cosine, accumulation,
+clipping, periodic eval, atomic checkpoints, exact resume, Ctrl-C saves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from .config import StrictModel
+from .data import Dataset, batchify
+from .errors import RankwiseError
+
+
+class TrainConfig(StrictModel):
+    """Optimization settings shared by every method."""
+
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr × this
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(20, ge=1)
+    save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class TrainingInterrupted(RankwiseError):
+    """Raised after Ctrl-C once a checkpoint is safely written."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    final_eval: dict = field(default_factory=dict)
+    step: int = 0
+
+
+def _micro_batch(ds: Dataset, tokenizer, cfg: TrainConfig, index: int) -> dict:
+    """Micro-batch `index` of a deterministic stream: epoch e visits examples in randperm(seed, e)."""
+    n, picks = len(ds.examples), []
+    for k in range(index * cfg.batch_size, (index + 1) * cfg.batch_size):
+        epoch, pos = divmod(k, n)
+        perm = _perm(n, cfg.seed, epoch)
+        picks.append(ds.examples[perm[pos]])
+    return batchify(picks, tokenizer, cfg.batch_size)[0]
+
+
+_PERMS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _perm(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMS:
+        _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return _PERMS[key]
+
+
+def loss_terms(model, batch: dict, task: str) -> tuple[torch.Tensor, int]:
+    """(summed loss, count): token cross-entropy for causal LM, example cross-entropy for classification."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if task == "seq-cls":
+        return F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+    logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, batches: list[dict], task: str, device) -> dict:
+    """Mean loss over eval batches (+ accuracy for classification)."""
+    was = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss, n = loss_terms(model, b, task)
+        total, count = total + float(loss), count + n
+        if task == "seq-cls":
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+    model.train(was)
+    res = {"eval_loss": total / max(count, 1)}
+    if task == "seq-cls":
+        res["eval_accuracy"] = correct / max(count, 1)
+    return res
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _schedule(opt, cfg: TrainConfig):
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, keep: int) -> Path:
+    """Write checkpoints/step-N atomically (temp folder + rename); keep the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_dir))
+    state = {"step": step, "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+    torch.save(state, tmp / "state.pt")
+    final = ckpt_dir / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(ckpt_dir.glob("step-*")) if ckpt_dir.exists() else []
+    return found[-1] if found else None
+
+
+def _load_checkpoint(path: Path, model, opt, sched) -> int:
+    state = torch.load(path / "state.pt", weights_only=False)
+    params = _trainable(model)
+    with torch.no_grad():
+        for n, t in state["params"].items():
+            params[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _log(metrics_path: Path | None, row: dict) -> None:
+    if metrics_path is not None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> list[dict]:
+    """Drop logged lines past `step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, tokenizer,
+          run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          resume_hint: str = "") -> TrainResult:
+    """Train the model's trainable parameters (adapters, heads) for cfg.steps optimizer steps."""
+    device = next(model.parameters()).device
+    params = _trainable(model)
+    if not params:
+        raise RankwiseError("the model has no trainable parameters (adapt_ it first)")
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    metrics = run_dir / "metrics.jsonl" if run_dir else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    result, start = TrainResult(), 0
+    if resume and ckpt_dir is not None and (last := latest_checkpoint(ckpt_dir)) is not None:
+        start = _load_checkpoint(last, model, opt, sched)
+        result.history = _trim_metrics(metrics, start)
+    elif metrics is not None and metrics.exists():
+        metrics.unlink()
+    eval_batches = batchify(eval_ds.examples, tokenizer, cfg.batch_size) if eval_ds else []
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step")
+    step, t_last = start, time.perf_counter()
+    try:
+        while step < cfg.steps:
+            row = _one_step(model, train_ds, tokenizer, cfg, step, opt, sched, params, device)
+            step += 1
+            dt, t_last = time.perf_counter() - t_last, time.perf_counter()
+            row |= {"step": step, "tokens_per_s": row.pop("tokens") / dt}
+            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                row |= eval_loss(model, eval_batches, train_ds.task, device)
+                t_last = time.perf_counter()  # eval time is not training throughput
+            result.history.append(row)
+            _log(metrics, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if ckpt_dir is not None and (step % cfg.save_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
+    except KeyboardInterrupt:
+        bar.close()
+        if ckpt_dir is None:
+            raise
+        path = save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
+        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}. "
+                                  f"Resume with: {resume_hint or 'train(..., resume=True)'}") from None
+    bar.close()
+    model.eval()
+    result.step = step
+    result.final_eval = {k: v for k, v in (result.history[-1] if result.history else {}).items() if k.startswith("eval_")}
+    return result
+
+
+def _one_step(model, ds, tokenizer, cfg, step, opt, sched, params, device) -> dict:
+    micro = [_micro_batch(ds, tokenizer, cfg, step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+    micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+    count = sum(_count(b, ds.task) for b in micro)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for b in micro:
+        loss, _ = loss_terms(model, b, ds.task)
+        (loss / max(count, 1)).backward()
+        total += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    if not math.isfinite(total):
+        raise RankwiseError(f"the loss became non-finite at step {step + 1}; lower the learning rate (now {cfg.lr:g})")
+    return {"loss": total / max(count, 1), "lr": lr, "grad_norm": grad_norm,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in micro)}
+
+
+def _count(b: dict, task: str) -> int:
+    return b["labels"].numel() if task == "seq-cls" else int((b["labels"][:, 1:] != -100).sum())
