@@ -71,8 +71,34 @@ def steps_to(curve: list[dict], target: float) -> int | None:
     return next((c["step"] for c in curve if c["eval_loss"] <= target), None)
 
 
+def input_gain(spec: dict, root: str) -> dict:
+    """Why the same LR is not the same step: how much of the layer inputs' energy A passes on.
+
+    gain = mean over layers of ‖A X‖²_F / ‖X‖²_F (calibration inputs X), and the mean row norm of A.
+    With B = 0, Adam's first updates to B have a fixed size, so the change of the output is ∝ ‖A x‖.
+    """
+    model, tok = rw.load_model(spec["model"], task=spec["task"], num_labels=2 if spec["task"] == "seq-cls" else None)
+    tr, _ = load_dataset(spec["data"](root), tok, spec["task"])
+    calib = batchify(tr.examples[: spec["calib"]], tok, 16 if spec["task"] == "seq-cls" else 4)
+    stats = rw.calibrate(model, calib, spec["targets"], progress=False)  # keep="full": XᵀX for the gain
+    out = {}
+    for method in ("lora", "eva"):
+        p = rw.plan(stats if method == "eva" else None, model, method=method, targets=spec["targets"], rank=spec["rank"])
+        gains, norms = [], []
+        for n, lp in p.active().items():
+            a, xtx = lp.lora_A.double(), stats[n].xtx
+            gains.append(float(torch.trace(a @ xtx @ a.T) / torch.trace(xtx)))
+            norms.append(float(a.norm(dim=1).mean()))
+        out[method] = {"gain_mean": statistics.mean(gains), "row_norm_mean": statistics.mean(norms)}
+    out["gain_ratio_eva_over_lora"] = out["eva"]["gain_mean"] / out["lora"]["gain_mean"]
+    return out
+
+
 def run_task(name: str, root: str, seeds: int, log) -> dict:
     spec = TASKS[name]
+    gain = input_gain(spec, root)
+    log(f"[{name}] input gain ‖AX‖²/‖X‖²: lora {gain['lora']['gain_mean']:.4f} (row norm {gain['lora']['row_norm_mean']:.3f}), "
+        f"eva {gain['eva']['gain_mean']:.4f} (row norm {gain['eva']['row_norm_mean']:.3f}); ratio {gain['gain_ratio_eva_over_lora']:.1f}")
     sweep = []
     for method in ("lora", "eva"):
         for lr in spec["lrs"]:
@@ -98,7 +124,8 @@ def run_task(name: str, root: str, seeds: int, log) -> dict:
         summary[m]["steps_to_lora_final"] = [steps_to(r["curve"], target) for r in runs[m]]
     reached = [s for s in summary["eva"]["steps_to_lora_final"] if s is not None]
     summary["eva_steps_ratio"] = (statistics.mean(reached) / spec["steps"]) if len(reached) == len(runs["eva"]) else None
-    return {"spec": {k: v for k, v in spec.items() if k != "data"}, "sweep": sweep, "runs": runs, "summary": summary}
+    return {"spec": {k: v for k, v in spec.items() if k != "data"}, "input_gain": gain, "sweep": sweep, "runs": runs,
+            "summary": summary}
 
 
 def main():
