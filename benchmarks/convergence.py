@@ -28,15 +28,15 @@ from rankwise.train import TrainConfig, train
 
 TASKS = {
     "sst2": dict(model="minilm", task="seq-cls", targets=["query", "key", "value", "dense"], rank=8, alpha=16,
-                 steps=150, batch_size=32, eval_every=10, seq_len=64, lrs=[2e-4, 6e-4, 2e-3], calib=256,
+                 steps=150, batch_size=32, eval_every=15, seq_len=64, lrs=[2e-4, 6e-4, 2e-3], calib=256,
                  data=lambda root: DataConfig(train=f"{root}/sst2/train.tsv", eval=f"{root}/sst2/dev.tsv",
                                               text_field="sentence", seq_len=64, max_train_examples=150 * 32,
                                               max_eval_examples=None)),
     "gsm8k": dict(model="smollm2", task="causal-lm", targets="all-linear", rank=8, alpha=16,
-                  steps=40, batch_size=4, eval_every=10, seq_len=256, lrs=[1e-4, 3e-4, 1e-3], calib=32,
+                  steps=30, batch_size=4, eval_every=10, seq_len=256, lrs=[1e-4, 3e-4, 1e-3], calib=32,
                   data=lambda root: DataConfig(train=f"{root}/gsm8k/train.jsonl", eval=f"{root}/gsm8k/test.jsonl",
                                                prompt_field="question", completion_field="answer", seq_len=256,
-                                               max_train_examples=40 * 4, max_eval_examples=24)),
+                                               max_train_examples=30 * 4, max_eval_examples=16)),
 }
 
 

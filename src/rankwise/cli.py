@@ -79,7 +79,7 @@ def config_show(config: Optional[Path] = typer.Option(None, help="Resolve this Y
 _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_data": "data.eval", "method": "init.method",
                 "rank": "init.rank", "alpha": "init.alpha", "rho": "init.rho", "targets": "init.targets",
                 "steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
-                "seq_len": "data.seq_len", "seed": "train.seed", "out": "out", "device": "device", "merge": "merge"}
+                "seq_len": "data.seq_len", "seed": "train.seed", "text_field": "data.text_field", "label_field": "data.label_field", "out": "out", "device": "device", "merge": "merge"}
 
 
 @app.command()
@@ -99,6 +99,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     seq_len: Optional[int] = typer.Option(None, help="Maximum tokens per sequence (longer ones are truncated and counted)."),
+    text_field: Optional[str] = typer.Option(None, help="Name of the text field/column in .jsonl/.csv/.tsv data (default 'text')."),
+    label_field: Optional[str] = typer.Option(None, help="Name of the label field/column for --task seq-cls (default 'label')."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order and init."),
     out: Optional[Path] = typer.Option(None, help="Run folder (config.yaml, metrics.jsonl, plan.json, adapter/, merged/, report.md)."),
     device: Optional[str] = typer.Option(None, help="Torch device."),

@@ -30,6 +30,7 @@ class LayerStats:
     eigvals: Tensor | None = None  # [k] descending, of Σ(x-μ)(x-μ)ᵀ
     eigvecs: Tensor | None = None  # [k, d]
     trace: float | None = None  # trace of Σ(x-μ)(x-μ)ᵀ
+    _spectrum: tuple | None = field(default=None, repr=False, compare=False)  # largest top-k computed so far
 
     @property
     def dim(self) -> int:
@@ -51,9 +52,13 @@ class LayerStats:
                 have = 0 if self.eigvals is None else self.eigvals.shape[0]
                 raise CalibrationError(f"statistics keep {have} components but {k} were asked for; calibrate with a larger keep")
             return self.eigvals[:k], self.eigvecs[:k], float(self.trace)
-        c = self.scatter()
-        vals, vecs = top_eigh(c, k)
-        return vals, vecs, float(torch.diagonal(c).sum())
+        k = min(k, self.dim)
+        if self._spectrum is None or self._spectrum[0].shape[0] < k:
+            c = self.scatter()
+            vals, vecs = top_eigh(c, k)
+            self._spectrum = (vals, vecs, float(torch.diagonal(c).sum()))
+        vals, vecs, trace = self._spectrum
+        return vals[:k], vecs[:k], trace
 
     def summarize_(self, k: int) -> None:
         """Replace XᵀX by its top-k centred eigenpairs and trace (XᵀX is centred in place, then dropped)."""

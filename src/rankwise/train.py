@@ -70,29 +70,30 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return _PERMS[key]
 
 
-def loss_terms(model, batch: dict, task: str) -> tuple[torch.Tensor, int]:
-    """(summed loss, count): token cross-entropy for causal LM, example cross-entropy for classification."""
+def loss_terms(model, batch: dict, task: str, return_logits: bool = False):
+    """(summed loss, count[, logits]): token cross-entropy for causal LM, example cross-entropy for classification."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if task == "seq-cls":
-        return F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
-    logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+        loss, n = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+    else:
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        n = int((labels != -100).sum())
+    return (loss, n, out.logits) if return_logits else (loss, n)
 
 
 @torch.no_grad()
 def eval_loss(model, batches: list[dict], task: str, device) -> dict:
-    """Mean loss over eval batches (+ accuracy for classification)."""
+    """Mean loss over eval batches (+ accuracy for classification), one forward per batch."""
     was = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        loss, n = loss_terms(model, b, task)
+        loss, n, logits = loss_terms(model, b, task, return_logits=True)
         total, count = total + float(loss), count + n
         if task == "seq-cls":
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
     model.train(was)
     res = {"eval_loss": total / max(count, 1)}
     if task == "seq-cls":
