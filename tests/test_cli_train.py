@@ -44,3 +44,38 @@ def test_train_eval_export_end_to_end(tiny_model_dir, tmp_path):
     r = run("export", str(out / "adapter"), "--out", tmp_path / "merged2", "--model", tiny_model_dir)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "merged2" / "model.safetensors").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_resume(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from test_cli import ENV, EXE
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([EXE, "train", "--model", str(tiny_model_dir), "--steps", "100000", "--seq-len", "32",
+                             "--rank", "2", "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "--resume" in stderr
+    ckpts = list((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.pt").exists()
+    step = int(ckpts[0].name.split("-")[1])
+    assert step >= 3 and len(metrics.read_text().splitlines()) >= step
+
+
+def test_eval_accuracy_cli(tiny_bert_dir, tmp_path):
+    f = tmp_path / "dev.tsv"
+    f.write_text("sentence\tlabel\n" + "".join(f"item {i}\t{i % 2}\n" for i in range(10)))
+    r = run("eval", "--model", tiny_bert_dir, "--data", f, "--metric", "accuracy", "--text-field", "sentence")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["metric"] == "accuracy" and res["examples"] == 10 and 0 <= res["accuracy"] <= 1

@@ -29,3 +29,13 @@ def test_calibrate_and_adapt_on_cuda():
     name = cpu.order[0]
     from rankwise.linalg import subspace_cos2
     assert subspace_cos2(summarized[name].eigvecs.cpu(), cpu[name].spectrum(8)[1]) >= 1 - 1e-4
+
+
+def test_train_run_on_cuda(tiny_model_dir, tmp_path):
+    from rankwise.runs import load_config, run_train
+
+    cfg = load_config(None, {"model": str(tiny_model_dir), "device": "cuda", "out": str(tmp_path / "run"), "train.steps": 4,
+                             "data.seq_len": 32, "data.max_train_examples": 32, "init.rank": 2})
+    summary = run_train(cfg, progress=False, log=lambda *a: None)
+    assert summary["steps"] == 4 and summary["after"]["perplexity"] > 1
+    assert (tmp_path / "run" / "merged" / "config.json").exists()

@@ -103,3 +103,15 @@ def test_classification_head_saved_and_reloaded(tiny_bert_dir, tmp_path):
     with torch.no_grad():
         logits = loaded(**batch).logits
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_head_gets_its_own_learning_rate():
+    from rankwise.train import _param_groups
+
+    params = {"base_model.model.classifier.modules_to_save.default.weight": torch.nn.Parameter(torch.zeros(2)),
+              "base_model.model.layer.lora_A.default.weight": torch.nn.Parameter(torch.zeros(2))}
+    groups = _param_groups(params, TrainConfig(lr=1e-4, head_lr=3e-3))
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-4, 3e-3]
+    assert [len(g["params"]) for g in _param_groups(params, TrainConfig(lr=1e-4))] == [1, 1]
+    assert _param_groups(params, TrainConfig(lr=1e-4))[1]["lr"] == 1e-4  # head_lr unset: same as lr

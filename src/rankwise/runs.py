@@ -154,6 +154,8 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     _write_atomic(out / "before.json", json.dumps(before))
     log(f"held-out before training: {_fmt(before)}")
     hint = f"rankwise train --config {out / 'config.yaml'} --resume"
+    if cfg.train.lr is None:
+        cfg.train.lr = getattr(impl, "default_lr", 5e-4)
     result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
     after = held_out_metrics(model, tok, eval_ds, cfg)
     log(f"held-out after {result.step} steps: {_fmt(after)}")

@@ -28,7 +28,8 @@ class TrainConfig(StrictModel):
     steps: int = Field(60, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: the init method's default_lr (EVA 5e-4, random LoRA 1e-3)
+    head_lr: float | None = Field(None, gt=0)  # lr of a trained task head (classification); None: lr
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr × this
@@ -105,6 +106,16 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _param_groups(params: dict, cfg: TrainConfig) -> list[dict]:
+    """Adapter weights at lr; a fully trained head (peft's modules_to_save) at head_lr when set."""
+    head = [p for n, p in params.items() if "modules_to_save" in n]
+    rest = [p for n, p in params.items() if "modules_to_save" not in n]
+    groups = [{"params": rest}]
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
+    return groups
+
+
 def _schedule(opt, cfg: TrainConfig):
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -168,8 +179,10 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     params = _trainable(model)
     if not params:
         raise RankwiseError("the model has no trainable parameters (adapt_ it first)")
+    if cfg.lr is None:
+        cfg = cfg.model_copy(update={"lr": 5e-4})
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run_dir / "checkpoints" if run_dir else None

@@ -29,6 +29,10 @@ class Eva:
     """
 
     config = EvaConfig
+    # EVA's A passes 55–85× more of the inputs' energy than a Kaiming-initialized A (‖AX‖²/‖X‖² measured
+    # on MiniLM/SST-2 and SmolLM2/GSM8K, benchmarks/convergence.py), so one Adam step moves the output
+    # further: its best learning rate was 3× lower than random LoRA's on SST-2, equal on GSM8K.
+    default_lr = 5e-4
 
     def candidates(self, stats: LayerStats, weight: Tensor, cfg: EvaConfig, cap: int) -> Tensor:
         vals, _, trace = stats.spectrum(cap)

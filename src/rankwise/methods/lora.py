@@ -25,6 +25,7 @@ class RandomLora:
 
     config = LoraInitConfig
     needs_stats = False
+    default_lr = 1e-3  # best or tied-best in both learning-rate sweeps of benchmarks/convergence.py
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: LoraInitConfig, cap: int) -> Tensor:
         return torch.zeros(0)
