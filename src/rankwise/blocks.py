@@ -132,5 +132,7 @@ class BlockRunner:
             self.recorder.active = set(tail)
             self._forward_all(batches, masks, device, lambda i, b, a, k: final[b])
             finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
-        del hidden, final
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        hidden.clear()  # drop the cached activations before handing GPU memory back
+        final.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from .errors import DataError
-from .formats import IGNORE, Fields, cls_example, lm_example, read_rows
+from .formats import IGNORE, Fields, cls_example, label_set, lm_example, read_rows
 
 SPLITS = ("train", "eval")
 TASKS = ("causal-lm", "seq-cls")
@@ -74,7 +74,7 @@ def _pack(texts: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], li
 def _text_split(source: str, split: str | None, fraction: float) -> list[str]:
     """Documents of a plain-text source (paragraphs of a .txt file); split=None: all of them."""
     if source == "pydoc":
-        return pydoc_texts(split or "train")  # the embedded corpus keeps its held-out topics apart
+        return pydoc_texts(split or "train")  # the embedded corpus keeps its held-out paragraphs apart
     docs = [d for d in Path(source).read_text(encoding="utf-8").split("\n\n") if d.strip()]
     if split is None:
         return docs
@@ -97,7 +97,7 @@ def read_examples(source: str, tokenizer, task: str, seq_len: int, split: str | 
     if split is not None:
         rows = [r for i, r in enumerate(rows) if _held_out(str(i), fraction) == (split == "eval")]
     if task == "seq-cls":
-        names = label_names or sorted({str(r.get(fields.label_field, "")).strip() for _, r in rows} - {""})
+        names = label_names or label_set(rows, fields.label_field)
         ids = {n: i for i, n in enumerate(names)}
         examples = [cls_example(r, f"{path}:{ln}", tokenizer, fields, ids) for ln, r in rows]
         ds = Dataset(examples, task, source, label_names=names)
@@ -164,7 +164,7 @@ def load_data(source: str | Path, tokenizer, seq_len: int = 256, n: int | None =
     """Token batches from `source`: "pydoc" (embedded corpus), .txt (packed), .jsonl, .csv or .tsv.
 
     Returns dicts with input_ids, attention_mask and labels (-100 on padding and prompt tokens).
-    Files are read whole (split="train" on pydoc gives its training topics). `n` caps the sequences.
+    Files are read whole (on pydoc, split picks its training or held-out paragraphs). `n` caps the sequences.
     """
     if seq_len < 2 or batch_size < 1:
         raise DataError(f"seq_len must be ≥ 2 and batch_size ≥ 1 (got {seq_len}, {batch_size})")

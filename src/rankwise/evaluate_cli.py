@@ -29,7 +29,7 @@ def run_eval(model: str, adapter: Path | None, data: str, metric: str, seq_len: 
              text_field: str = "text", label_field: str = "label", max_new_tokens: int = 256) -> dict:
     from .data import read_examples
     from .evaluate import accuracy, exact_match, perplexity
-    from .formats import Fields, read_rows
+    from .formats import Fields, label_set, read_rows
 
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {METRICS}")
@@ -37,7 +37,7 @@ def run_eval(model: str, adapter: Path | None, data: str, metric: str, seq_len: 
     if metric == "accuracy":
         from .data import batchify
 
-        names = sorted({str(r.get(label_field, "")).strip() for _, r in read_rows(Path(data))} - {""})
+        names = label_set(read_rows(Path(data)), label_field)
         m, tok = load_with_adapter(model, adapter, task="seq-cls", num_labels=len(names))
         ds = read_examples(data, tok, "seq-cls", seq_len, None, 0.1, fields, names)
         return {"metric": metric, **accuracy(m, batchify(ds.examples[:limit], tok, 16))}

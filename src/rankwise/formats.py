@@ -38,6 +38,11 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     raise DataError(f"{path}: unknown record format {path.suffix!r}; use .jsonl, .csv, .tsv (or .txt for plain text)")
 
 
+def label_set(rows: list[tuple[int, dict]], field: str) -> list[str]:
+    """The sorted distinct non-empty labels in `field` of the records."""
+    return sorted({str(r.get(field, "")).strip() for _, r in rows} - {""})
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -30,13 +30,6 @@ class InitJob(StrictModel):
     save_stats: bool = False
 
 
-def method_options(job: InitJob) -> dict:
-    opts = {"rank": job.rank, "alpha": job.alpha}
-    if job.method == "eva":
-        opts |= {"rho": job.rho, "whiten": job.whiten}
-    return opts
-
-
 def run_init(job: InitJob, progress: bool = True) -> dict:
     """Run the init job; returns {"plan", "out", "seconds": {...}} after writing job.out."""
     import torch
@@ -45,6 +38,7 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from .calibrate import calibrate
     from .data import load_data
     from .export import export
+    from .methods import config_options
     from .plan import plan
 
     t0 = time.perf_counter()
@@ -55,7 +49,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     torch.manual_seed(0)
     stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
     t2 = time.perf_counter()
-    p = plan(stats, model, method=job.method, **method_options(job))
+    options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten)
+    p = plan(stats, model, method=job.method, **options)
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = export(peft_model, job.out, plan=p)

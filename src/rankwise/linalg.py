@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
-
-import numpy as np
 
 try:  # Only the top eigenpairs are wanted; torch.linalg.eigh always computes all of them.
     from scipy.linalg import eigh as _scipy_eigh
@@ -25,12 +24,12 @@ class GramAccumulator:
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", panel: int = 256, flush_every: int = 8):
-        self.n, self.dim, self.flush_every, self._pending = 0, dim, flush_every, 0
+        self.n, self.flush_every, self._pending = 0, flush_every, 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         nb = -(-dim // panel)
-        self._width = -(-dim // nb)
-        self._starts = list(range(0, dim, self._width))
-        self._panels = [torch.zeros(dim - a, min(self._width, dim - a), device=device) for a in self._starts]
+        width = -(-dim // nb)  # nb panels of near-equal width
+        self._starts = list(range(0, dim, width))
+        self._panels = [torch.zeros(dim - a, min(width, dim - a), device=device) for a in self._starts]
         self._lower = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from .atomic import write_text
 from .budget import ALLOCATIONS, allocate_by_score, allocate_uniform
 from .errors import ConfigError, PlanError
 from .methods import get_init
@@ -63,10 +64,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write plan.json (human-readable) atomically; tensors are not part of it."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -103,9 +101,10 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
                         f"use --rank ≤ {width} or leave that layer out of the targets")
     cap_mult = getattr(cfg, "rho", 1.0)
     caps = {n: min(round(cfg.rank * cap_mult), *weights[n].shape) for n in names}
+    layer_stats = stats.__getitem__ if stats.layers else (lambda n: None)  # data-free methods get None
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
-        scores = {n: impl.candidates(stats[n] if stats.layers else None, weights[n], cfg, caps[n]) for n in names}
+        scores = {n: impl.candidates(layer_stats(n), weights[n], cfg, caps[n]) for n in names}
     else:
         scores = _group_scores(impl, stats, weights, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
@@ -115,7 +114,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
         a = alpha * r / cfg.rank if getattr(cfg, "adjust_scaling", True) else alpha
         lp = LayerPlan(r, float(a), weights[n].shape[1], weights[n].shape[0], [float(v) for v in scores[n][:r]])
         if r > 0:
-            li = impl.init(stats[n] if stats.layers else None, weights[n].detach(), r, cfg, name=n)
+            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
         layers[n] = lp
     resolved = cfg.model_dump() | {"alpha": alpha}

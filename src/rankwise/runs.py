@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ import torch
 import yaml
 from pydantic import Field
 
+from .atomic import write_text
 from .config import StrictModel
 from .data import DataConfig, Dataset, batchify, load_dataset
 from .errors import ConfigError
@@ -89,12 +89,6 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def head_modules(model) -> list[str]:
     """Leaf names of task heads to train whole next to the adapter (classification)."""
     from .targets import _head_names
@@ -117,7 +111,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from .adapt import adapt_
     from .calibrate import calibrate
     from .export import export, export_merged
-    from .methods import get_init
+    from .methods import config_options, get_init
     from .models import load_model
     from .plan import Plan, plan
     from .report import write_report
@@ -125,7 +119,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
 
     out, t0 = Path(cfg.out), time.perf_counter()
     _prepare_out(out, resume, overwrite)
-    _write_atomic(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     labels = _label_names(cfg)
     model, tok = load_model(cfg.model, task=cfg.task, num_labels=len(labels) if labels else None)
@@ -141,17 +135,14 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
         calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
         stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask,
                           keep=round(cfg.init.rank * cfg.init.rho), progress=progress)
-    options = {"rank": cfg.init.rank, "alpha": cfg.init.alpha}
-    if cfg.init.method == "eva":
-        options |= {"rho": cfg.init.rho, "whiten": cfg.init.whiten}
-    elif cfg.init.method == "lora":
-        options |= {"seed": cfg.train.seed}
+    options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
+                             whiten=cfg.init.whiten, seed=cfg.train.seed)
     p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, **options)
     p.save(out / "plan.json")
     extra = {"modules_to_save": head_modules(model)} if cfg.task == "seq-cls" else {}
     model = adapt_(model, p, **extra)
     before = _previous(out) if resume and (out / "before.json").exists() else held_out_metrics(model, tok, eval_ds, cfg)
-    _write_atomic(out / "before.json", json.dumps(before))
+    write_text(out / "before.json", json.dumps(before))
     log(f"held-out before training: {_fmt(before)}")
     hint = f"rankwise train --config {out / 'config.yaml'} --resume"
     if cfg.train.lr is None:
@@ -166,7 +157,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     summary = {"before": before, "after": after, "steps": result.step, "seconds": time.perf_counter() - t0,
                "train_examples": len(train_ds.examples), "eval_examples": len(eval_ds.examples),
                "truncated": train_ds.truncated + eval_ds.truncated, "labels": labels}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
     return summary
 
@@ -176,10 +167,9 @@ def _label_names(cfg: RunConfig) -> list[str] | None:
         return None
     if cfg.data.labels:
         return list(cfg.data.labels)
-    from .formats import read_rows
+    from .formats import label_set, read_rows
 
-    rows = read_rows(Path(cfg.data.train))
-    names = sorted({str(r.get(cfg.data.label_field, "")).strip() for _, r in rows} - {""})
+    names = label_set(read_rows(Path(cfg.data.train)), cfg.data.label_field)
     if not names:
         raise ConfigError(f"{cfg.data.train}: no values in label field '{cfg.data.label_field}'")
     return names

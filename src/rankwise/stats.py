@@ -16,6 +16,12 @@ from .errors import CalibrationError
 from .linalg import centered_scatter, top_eigh
 
 
+def _spectrum_of(scatter: Tensor, k: int) -> tuple[Tensor, Tensor, float]:
+    """(top-k eigenvalues, eigenvectors [k, d], trace) of a centred scatter matrix."""
+    vals, vecs = top_eigh(scatter, k)
+    return vals, vecs, float(torch.diagonal(scatter).sum())
+
+
 @dataclass
 class LayerStats:
     """Statistics of one module's inputs: token count n, sum [d], XᵀX [d, d] (float64).
@@ -54,9 +60,7 @@ class LayerStats:
             return self.eigvals[:k], self.eigvecs[:k], float(self.trace)
         k = min(k, self.dim)
         if self._spectrum is None or self._spectrum[0].shape[0] < k:
-            c = self.scatter()
-            vals, vecs = top_eigh(c, k)
-            self._spectrum = (vals, vecs, float(torch.diagonal(c).sum()))
+            self._spectrum = _spectrum_of(self.scatter(), k)
         vals, vecs, trace = self._spectrum
         return vals[:k], vecs[:k], trace
 
@@ -64,9 +68,8 @@ class LayerStats:
         """Replace XᵀX by its top-k centred eigenpairs and trace (XᵀX is centred in place, then dropped)."""
         if self.xtx is None:
             return
-        c = self.xtx.addr_(self.sum, self.sum, alpha=-1.0 / max(self.n, 1))
-        self.eigvals, self.eigvecs = top_eigh(c, k)
-        self.trace = float(torch.diagonal(c).sum())
+        centred = self.xtx.addr_(self.sum, self.sum, alpha=-1.0 / max(self.n, 1))  # scatter(), in place
+        self.eigvals, self.eigvecs, self.trace = _spectrum_of(centred, k)
         self.xtx = None
 
     def __add__(self, other: LayerStats) -> LayerStats:

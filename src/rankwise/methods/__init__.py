@@ -51,6 +51,12 @@ def register_init(name: str):
     return wrap
 
 
+def config_options(name: str, **values) -> dict:
+    """The subset of `values` that method `name`'s config accepts (shared CLI/run options → one method)."""
+    fields = get_init(name).config.model_fields
+    return {k: v for k, v in values.items() if k in fields}
+
+
 def get_init(name: str) -> InitMethod:
     from . import eva, lora  # noqa: F401  (registering happens on import)
 
