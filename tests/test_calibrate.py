@@ -1,12 +1,22 @@
 """Tier 2: calibration statistics on tiny models: accuracy, masks, dedupe, modes, merge, errors."""
 
+import gc
+import json
 import math
+import tempfile
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import rankwise as rw
+from rankwise.calibrate import Recorder
 from rankwise.errors import CalibrationError, TargetError
+from rankwise.linalg import GramAccumulator
 
 from conftest import make_batches, tiny_bert, tiny_llama
 
@@ -44,6 +54,8 @@ def test_xtx_matches_float64_brute_force(llama, name):
     assert st.n == x.shape[0]
     assert _rel(st.xtx, x.T @ x) <= 1e-5
     assert _rel(st.sum, x.sum(0)) <= 1e-5
+    xc = x - x.mean(0)
+    assert _rel(st.scatter(), xc.T @ xc) <= 1e-6  # fp32 products about a shift near the mean: ~1e-7
 
 
 def test_masked_tokens_are_excluded(llama):
@@ -96,6 +108,7 @@ def test_merge_equals_union(llama):
         assert merged[name].n == union[name].n
         assert _rel(merged[name].xtx, union[name].xtx) <= 1e-6
         assert _rel(merged[name].sum, union[name].sum) <= 1e-6
+        assert _rel(merged[name].scatter(), union[name].scatter()) <= 1e-6
 
 
 def test_save_load_roundtrip(llama, batches, tmp_path):
@@ -105,6 +118,8 @@ def test_save_load_roundtrip(llama, batches, tmp_path):
     assert back.order == stats.order and back.aliases == stats.aliases
     for n in stats.layers:
         assert back[n].n == stats[n].n and torch.equal(back[n].xtx, stats[n].xtx)
+        for key in ("shift", "sum_shifted", "m2"):
+            assert torch.equal(getattr(back[n], key), getattr(stats[n], key))
     small = rw.calibrate(llama, batches, keep=4, progress=False)
     small.save(tmp_path / "k.safetensors")
     back = rw.Stats.load(tmp_path / "k.safetensors")
@@ -112,6 +127,95 @@ def test_save_load_roundtrip(llama, batches, tmp_path):
     assert back[name].xtx is None and back[name].eigvecs.shape == (4, 64)
     vals, _, trace = stats[name].spectrum(4)
     assert torch.allclose(back[name].eigvals, vals) and math.isclose(back[name].trace, trace, rel_tol=1e-12)
+
+
+def _layer_stats(xs, d):
+    acc = GramAccumulator(d, panel=8)
+    for x in xs:
+        acc.update(x)
+    return rw.LayerStats(acc.n, acc.shift, acc.sum_shifted, acc.m2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(d=st.integers(1, 20), rows=st.lists(st.integers(1, 30), min_size=1, max_size=4), offset=st.floats(-1e4, 1e4),
+       keep=st.sampled_from(["full", 1, 3]), seed=st.integers(0, 1000))
+def test_save_load_roundtrips_exactly(d, rows, offset, keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(r, d, generator=g) + offset * torch.rand(d, generator=g) for r in rows]
+    layers = {"a": _layer_stats(xs, d), "b": _layer_stats(xs[::-1], d) + _layer_stats(xs[:1], d)}
+    if keep != "full":
+        for v in layers.values():
+            v.summarize_(keep)
+    stats = rw.Stats(layers, {"c": "a"}, ["a", "b", "c"])
+    with tempfile.TemporaryDirectory() as tmp:
+        stats.save(Path(tmp) / "s.safetensors")
+        back = rw.Stats.load(Path(tmp) / "s.safetensors")
+    assert back.order == stats.order and back.aliases == stats.aliases
+    for name, st_ in stats.layers.items():
+        b = back.layers[name]
+        assert b.n == st_.n and b.trace == st_.trace
+        for key in ("shift", "sum_shifted", "m2", "eigvals", "eigvecs"):
+            mine, theirs = getattr(st_, key), getattr(b, key)
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs), key
+
+
+def test_load_reads_raw_moment_files(llama, batches, tmp_path):
+    """Files written before the shift (sum, xtx) still load, with shift 0."""
+    stats = rw.calibrate(llama, batches, progress=False)
+    tensors = {f"{n}::{k}": getattr(s, k).contiguous() for n, s in stats.layers.items() for k in ("sum", "xtx")}
+    meta = {"order": stats.order, "aliases": stats.aliases, "n": {k: v.n for k, v in stats.layers.items()},
+            "trace": {k: None for k in stats.layers}}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"rankwise_stats": json.dumps(meta)})
+    back = rw.Stats.load(tmp_path / "old.safetensors")
+    for n, s in stats.layers.items():
+        assert torch.equal(back[n].shift, torch.zeros_like(s.shift)) and torch.equal(back[n].xtx, tensors[f"{n}::xtx"])
+        assert _rel(back[n].scatter(), s.scatter()) <= 1e-6  # these inputs have small means: raw centring is fine
+
+
+def test_whole_mode_holds_no_input_alive(llama, batches):
+    """Recording keeps no measured input alive (weak references only), and q/k/v, gate/up still share one entry."""
+    names = rw.find_targets(llama)
+    refs = []
+    hooks = [llama.get_submodule(n).register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0]))) for n in names]
+    recorder = Recorder(llama, names)
+    recorder.active = set(names)
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                recorder.start_batch(rw.token_mask(b), i)
+                llama(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                gc.collect()
+                assert refs and all(r() is None for r in refs), "an input outlived its forward"
+                assert not any(isinstance(v, torch.Tensor) for e in recorder._seen.values() for v in e)
+                refs.clear()
+    finally:
+        recorder.remove()
+        for h in hooks:
+            h.remove()
+    q, k, v = (f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert recorder.aliases[k] == q and recorder.aliases[v] == q
+    assert recorder.aliases["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    assert len(recorder.acc) == 2 * 4
+
+
+def test_freed_input_at_a_reused_address_is_not_an_alias():
+    """A module reading a new tensor at the address of a freed one (same layout) gets its own entry."""
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    recorder = Recorder(torch.nn.ModuleDict({"a": a, "b": b}), ["a", "b"])
+    recorder.active = {"a", "b"}
+    recorder.start_batch(torch.ones(2, 3, dtype=torch.bool), 0)
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, 4)
+            a(x)
+            memory, ptr = x.untyped_storage(), x.data_ptr()
+            del x  # a's input is gone; its memory now backs another tensor (as the allocator would reuse it)
+            y = torch.empty(0).set_(memory, 0, (2, 3, 4), (12, 4, 1)).normal_()
+            assert y.data_ptr() == ptr
+            b(y)
+    finally:
+        recorder.remove()
+    assert "b" not in recorder.aliases and set(recorder.acc) == {"a", "b"}
 
 
 def test_summarized_stats_refuse_merge(llama, batches):
@@ -148,7 +252,7 @@ def test_error_no_target_matched_lists_linears(llama, batches):
 def test_targets_by_list_and_regex(llama):
     assert rw.find_targets(llama, ["q_proj", "v_proj"]) == [
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
-    assert rw.find_targets(llama, r".*\.1\.mlp\..*") == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert rw.find_targets(llama, r"re:.*\.1\.mlp\..*") == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
     assert "lm_head" not in rw.find_targets(llama, "all-linear")
     with pytest.raises(TargetError, match="Embedding"):
         rw.find_targets(llama, ["embed_tokens"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 EXE = shutil.which("rankwise") or str(Path(sys.executable).parent / "rankwise")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+# As a user's shell has it: no COLUMNS override (output piped, so rich sees no terminal: 80 columns).
+ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"HF_HUB_OFFLINE": "1"}
 
 
 def run(*args, timeout=600):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from rankwise.runs import RunConfig
@@ -9,11 +10,27 @@ from rankwise.runs import RunConfig
 from test_cli import run
 
 
-def test_config_show_is_a_complete_valid_config():
-    r = run("config", "show")
+@pytest.mark.parametrize("columns", [None, "40"])
+def test_config_show_piped_to_a_file_trains(tiny_model_dir, tmp_path, columns):
+    """`rankwise config show > run.yaml` at any width, then `rankwise train --config run.yaml`."""
+    import subprocess
+
+    from test_cli import ENV, EXE
+
+    env = ENV | ({"COLUMNS": columns} if columns else {})
+    f = tmp_path / "run.yaml"
+    with open(f, "w") as fh:
+        r = subprocess.run([EXE, "config", "show"], stdout=fh, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "# " in r.stdout and "lr:" in r.stdout
-    RunConfig(**yaml.safe_load(r.stdout))  # what it prints loads back
+    text = f.read_text()
+    assert "# " in text and max(map(len, text.splitlines())) > 80  # long comments are kept whole, not wrapped
+    RunConfig(**yaml.safe_load(text))  # what it prints loads back
+    # the user edits the model and sizes; the rest stays as printed
+    text = text.replace("model: smollm2", f"model: {tiny_model_dir}").replace("seq_len: 256", "seq_len: 32")
+    f.write_text(text)
+    r = run("train", "--config", f, "--steps", "1", "--out", tmp_path / "o", "--quiet", "--no-merge")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["model"] == str(tiny_model_dir)
 
 
 def test_config_typo_is_caught(tmp_path):

@@ -20,6 +20,8 @@ def test_calibrate_and_adapt_on_cuda():
         # TF32 may be on for matmuls on the GPU; 1e-3 covers its 10-bit mantissa, fp32 gives ~1e-6
         rel = float((gpu[name].xtx.cpu() - cpu[name].xtx).norm() / cpu[name].xtx.norm())
         assert rel <= (1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5)
+        rel = float((gpu[name].scatter().cpu() - cpu[name].scatter()).norm() / cpu[name].scatter().norm())
+        assert rel <= (1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5)
     p = rw.plan(gpu, model, rank=4)
     pm = rw.adapt_(model, p)
     b = {k: v.cuda() for k, v in batches[0].items()}
@@ -29,6 +31,24 @@ def test_calibrate_and_adapt_on_cuda():
     name = cpu.order[0]
     from rankwise.linalg import subspace_cos2
     assert subspace_cos2(summarized[name].eigvecs.cpu(), cpu[name].spectrum(8)[1]) >= 1 - 1e-4
+
+
+def test_scatter_stable_at_large_mean_on_cuda():
+    """mean/std 1e4: the shifted accumulation on the GPU matches the float64 brute force of the same rows."""
+    from rankwise.linalg import GramAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    d = 300
+    xs = [torch.randn(256, d, generator=g) + 1e4 * torch.linspace(-1, 1, d) for _ in range(6)]
+    acc = GramAccumulator(d, device="cuda")
+    for x in xs:
+        acc.update(x.cuda())
+    full = torch.cat(xs).double()
+    xc = full - full.mean(0)
+    ref = xc.T @ xc
+    rel = float((acc.scatter().cpu() - ref).norm() / ref.norm())
+    assert acc.scatter().device.type == "cuda"
+    assert rel <= (1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-6)  # TF32: 10-bit mantissa
 
 
 def test_train_run_on_cuda(tiny_model_dir, tmp_path):

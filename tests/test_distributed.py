@@ -8,8 +8,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rankwise as rw
+from rankwise.linalg import GramAccumulator
 
 from conftest import make_batches, tiny_llama
+
+D = 24
+
+
+def _large_mean_rows(rank):
+    """Each rank's rows: mean/std ~1e4, the two ranks' means 3 std apart (so their shifts differ)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    mean = 1e4 * torch.linspace(-1, 1, D) + 3.0 * rank
+    return [torch.randn(rows, D, generator=g) + mean for rows in (50, 70, 30)]
+
+
+def _large_mean_stats(parts):
+    acc = GramAccumulator(D, panel=8, flush_every=2)
+    for x in parts:
+        acc.update(x)
+    return rw.Stats({"x": rw.LayerStats(acc.n, acc.shift, acc.sum_shifted, acc.m2)}, {}, ["x"])
 
 
 def _worker(rank, world, init_file, out_dir, mode):
@@ -18,10 +35,17 @@ def _worker(rank, world, init_file, out_dir, mode):
         torch.set_num_threads(1)
         batches = make_batches(n_batches=4, seed=7)[rank::world]  # each rank sees its own half
         stats = rw.calibrate(tiny_llama(), batches, mode=mode, progress=False)
+        big = _large_mean_stats(_large_mean_rows(rank))
+        big.all_reduce_()
         if rank == 0:
             stats.save(os.path.join(out_dir, "merged.safetensors"))
+            big.save(os.path.join(out_dir, "big.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "whole"])
@@ -31,4 +55,15 @@ def test_all_reduce_equals_single_process(tmp_path, mode):
     single = rw.calibrate(tiny_llama(), make_batches(n_batches=4, seed=7), mode=mode, progress=False)
     for name in single.layers:
         assert merged[name].n == single[name].n
-        assert float((merged[name].xtx - single[name].xtx).norm() / single[name].xtx.norm()) <= 1e-6
+        assert _rel(merged[name].xtx, single[name].xtx) <= 1e-6
+        assert _rel(merged[name].scatter(), single[name].scatter()) <= 1e-6
+    # large means, different shifts per rank: the reduced centred scatter equals the float64 brute force
+    # from the same float32 rows, to fp32-product accuracy (~1e-7; raw moments would be off by > 100 %)
+    big = rw.Stats.load(tmp_path / "big.safetensors")["x"]
+    rows = _large_mean_rows(0) + _large_mean_rows(1)
+    full = torch.cat(rows).double()
+    xc = full - full.mean(0)
+    assert big.n == full.shape[0]
+    assert _rel(big.scatter(), xc.T @ xc) <= 1e-6
+    assert _rel(big.scatter(), _large_mean_stats(rows)["x"].scatter()) <= 1e-6
+    assert torch.allclose(big.mean, full.mean(0), rtol=1e-9, atol=1e-9)

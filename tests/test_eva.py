@@ -121,15 +121,29 @@ def test_agreement_with_peft_eva():
     assert within == len(p.layers)
 
 
+def _inputs_of(model, name, batches):
+    """Float64 inputs of module `name` over the batches, selected like calibration: [n, d]."""
+    rows = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().double()))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    h.remove()
+    return torch.cat([r if r.ndim == 2 else r[rw.token_mask(b)] for r, b in zip(rows, batches)])
+
+
 def test_bert_pooler_dense_is_supported():
     """peft 0.21's EVA fails on a target without a sequence axis; ours measures one row per sequence."""
     model = tiny_bert()
     batches = make_batches(n_batches=4, batch=6, seq=16)
     stats = rw.calibrate(model, batches, targets=["dense"], progress=False)
-    assert "pooler.dense" in stats.order
-    p = rw.plan(stats, model, rank=2)
+    assert "pooler.dense" in stats.order and stats["pooler.dense"].n == 24  # one row per sequence
+    p = rw.plan(stats, model, rank=2, rho=1.0)  # rho 1: every layer keeps rank 2, the pooler included
     pm = rw.adapt_(model, p)
-    assert hasattr(pm.base_model.model.pooler.dense, "lora_A") or p.layers["pooler.dense"].rank == 0
+    a = pm.base_model.model.pooler.dense.lora_A["default"].weight.detach()
+    x = _inputs_of(tiny_bert(), "pooler.dense", batches)
+    vh = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh
+    assert a.shape == (2, 64) and subspace_cos2(a, vh[:2]) >= 1 - 1e-6
 
 
 def test_errors_rank_too_large_and_unknown_option(llama, batches):

@@ -90,3 +90,70 @@ def test_split_is_deterministic_and_disjoint(tok, tmp_path):
     assert a_train.examples == b_train.examples and a_eval.examples == b_eval.examples
     assert 20 <= len(a_eval.examples) <= 60 and len(a_train.examples) + len(a_eval.examples) == 200
     assert not {tuple(i) for i, _ in a_train.examples} & {tuple(i) for i, _ in a_eval.examples}
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("s.csv", "text,label\nok,1\nshort\n", r"s\.csv:3: 1 of 2 columns; no cell for label"),
+    ("s.tsv", "sentence\tlabel\nok\t1\nshort\n", r"s\.tsv:3: 1 of 2 columns"),
+    ("s.jsonl", '{"text": "ok", "label": 1}\n{"text": "x", "label": null}\n', r"s\.jsonl:2: field 'label' is null"),
+    ("s.jsonl", '{"text": "ok", "label": 1}\n{"text": null, "label": 0}\n', r"s\.jsonl:2: field 'text' is null"),
+    ("s.csv", "text,label\nok,1\nfine,\n", r"s\.csv:3: field 'label' is empty"),
+])
+def test_missing_cells_and_nulls_are_errors_not_a_class(tok, tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_text(content)
+    fields = {"text_field": "sentence"} if name.endswith(".tsv") else {}
+    with pytest.raises(DataError, match=match):
+        load_dataset(DataConfig(train=str(f), eval=str(f), **fields), tok, "seq-cls")
+
+
+def test_null_text_in_lm_records_is_an_error(tok, tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": None, "completion": "c"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' is null"):
+        read_examples(str(f), tok, "causal-lm", 32, None, 0.1, Fields())
+
+
+def test_numeric_labels_sort_as_numbers(tok, tmp_path):
+    from rankwise.formats import sort_labels
+
+    assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+    f = tmp_path / "s.csv"
+    f.write_text("text,label\n" + "".join(f"x{i},{i % 12}\n" for i in range(24)))
+    ds = read_examples(str(f), tok, "seq-cls", 16, None, 0.1, Fields())
+    assert ds.label_names == [str(i) for i in range(12)] and ds.examples[10][1] == 10
+
+
+@pytest.mark.parametrize("name", ["d.JSONL", "d.json"])
+def test_record_suffixes_any_case_and_json_arrays(tok, tmp_path, name):
+    rows = [{"prompt": "What is 2+2?", "completion": " 4"}, {"text": "plain"}]
+    f = tmp_path / name
+    f.write_text(json.dumps(rows) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows))
+    ds = read_examples(str(f), tok, "causal-lm", 64, None, 0.1, Fields())
+    assert len(ds.examples) == 2 and -100 in ds.examples[0][1]  # read as records: the prompt is masked
+
+
+@pytest.mark.parametrize("name", ["d.parquet", "notes", "d.xlsx"])
+def test_unknown_file_types_are_an_error(tok, tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes(b"PAR1 whatever")
+    with pytest.raises(DataError, match="unknown data format"):
+        read_examples(str(f), tok, "causal-lm", 64, None, 0.1, Fields())
+
+
+def test_bom_header_and_bad_bytes(tok, tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_bytes("\ufeffsentence,label\ngood,1\nbad,0\n".encode("utf-8"))
+    ds = read_examples(str(f), tok, "seq-cls", 16, None, 0.1, Fields(text_field="sentence"))
+    assert ds.label_names == ["0", "1"] and len(ds.examples) == 2
+    g = tmp_path / "latin1.tsv"
+    g.write_bytes("sentence\tlabel\nfine\t1\ncaf\xe9\t0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.tsv:3: not valid UTF-8"):
+        read_examples(str(g), tok, "seq-cls", 16, None, 0.1, Fields(text_field="sentence"))
+
+
+def test_explicit_eval_file_is_not_cut(tok, tmp_path):
+    f = _jsonl(tmp_path / "dev.jsonl", [{"text": f"sentence number {i}"} for i in range(100)])
+    _, ev = load_dataset(DataConfig(train=str(f), eval=str(f), seq_len=16), tok)
+    assert len(ev.examples) == 100 and not ev.packed
+    _, ev = load_dataset(DataConfig(train=str(f), eval=str(f), seq_len=16, max_eval_examples=10), tok)
+    assert len(ev.examples) == 10 and ev.available == 100

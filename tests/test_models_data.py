@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import rankwise as rw
 from rankwise.data import pydoc_texts

@@ -22,6 +22,11 @@ def test_smollm2_eva_end_to_end(tmp_path):
         before = model(input_ids=b["input_ids"]).logits
     pm = rw.adapt_(model, p)
     out = rw.export(pm, tmp_path / "adapter")
+    import json
+
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    meta = json.loads((out / "rankwise.json").read_text())
+    assert meta["base_model"] == "smollm2" and "Q4_1" in meta["note"] and meta["task"] == "causal-lm"
     base, _ = rw.load_model("smollm2")
     loaded = PeftModel.from_pretrained(base, out)
     with torch.no_grad():
@@ -29,12 +34,25 @@ def test_smollm2_eva_end_to_end(tmp_path):
 
 
 def test_minilm_eva_with_pooler():
+    from rankwise.linalg import subspace_cos2
+
     model, tok = rw.load_model("minilm")
     assert type(model).__name__ == "BertModel"
     batches = rw.load_data("pydoc", tok, seq_len=64, n=16, batch_size=8)
     stats = rw.calibrate(model, batches, targets=["query", "value", "dense"], progress=False)
     assert "pooler.dense" in stats.order and stats["pooler.dense"].n == 16
-    p = rw.plan(stats, model, rank=4)
+    rows = []
+    h = model.pooler.dense.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().double()))
+    with torch.no_grad():
+        before = [model(**{k: b[k] for k in ("input_ids", "attention_mask")}).last_hidden_state for b in batches]
+    h.remove()
+    p = rw.plan(stats, model, rank=4, rho=1.0)
     pm = rw.adapt_(model, p)
     assert sum(lp.rank for lp in p.layers.values()) == 4 * len(stats.order)
-    assert any(hasattr(m, "lora_A") for m in pm.modules())
+    x = torch.cat(rows)
+    vh = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh
+    a = pm.base_model.model.pooler.dense.lora_A["default"].weight.detach()
+    assert subspace_cos2(a, vh[:4]) >= 1 - 1e-5  # the pooler's A: top directions of its (CLS) inputs
+    with torch.no_grad():
+        after = pm(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).last_hidden_state
+    assert (after - before[0]).abs().max() <= 1e-5  # B = 0: the model is unchanged at step 0

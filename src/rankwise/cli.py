@@ -19,8 +19,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err = Console(stderr=True)
+# soft_wrap: long lines are not cut at the terminal width, so messages piped to a file stay whole.
+console = Console(stderr=False, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -31,13 +32,13 @@ def _root() -> None:
 @app.command()
 def init(
     model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
-    data: str = typer.Option("pydoc", help="'pydoc' (Python docs shipped with CPython), a .txt file (packed) or .jsonl (text, or prompt+completion)."),
+    data: str = typer.Option("pydoc", help="'pydoc' (Python docs shipped with CPython), .txt (packed), .jsonl/.json (text | prompt+completion | messages), .csv/.tsv."),
     method: str = typer.Option("eva", help="Adapter initialization method."),
     rank: int = typer.Option(8, help="Base LoRA rank r; the budget is r × number of layers."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha for rank r (default: r, i.e. scaling 1); scaled with each layer's rank."),
     rho: float = typer.Option(2.0, help="EVA: each layer may take up to round(r·rho) ranks (1 = no redistribution)."),
     whiten: bool = typer.Option(False, help="EVA: whiten A's rows (peft's semantics)."),
-    targets: str = typer.Option("all-linear", help="'all-linear', comma-separated names ('q_proj,v_proj'), or 're:<regex>' on full names."),
+    targets: str = typer.Option("all-linear", help="'all-linear', comma-separated names ('q_proj,v_proj'), or 're:<regex>' on full names (same syntax as in YAML)."),
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     n_samples: int = typer.Option(32, help="Number of calibration sequences."),
     batch_size: int = typer.Option(4, help="Sequences per forward pass."),
@@ -51,14 +52,14 @@ def init(
     from .jobs import InitJob, run_init
     from .report import print_plan
 
-    target_spec = _target_spec(targets)
     job = InitJob.build(where="rankwise init", model=model, data=data, method=method, rank=rank, alpha=alpha, rho=rho,
-                        whiten=whiten, targets=target_spec, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
+                        whiten=whiten, targets=targets, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
                         use_label_mask=use_label_mask, device=device, out=out, save_stats=save_stats)
     result = run_init(job, progress=not quiet)
     print_plan(result["plan"], console)
     s = result["seconds"]
-    console.print(f"calibrated on {result['tokens']} tokens: load {s['load']:.1f}s, calibrate {s['calibrate']:.1f}s, "
+    head = f"calibrated on {result['tokens']} tokens" if result["tokens"] else "no calibration (the method needs no data)"
+    console.print(f"{head}: load {s['load']:.1f}s, calibrate {s['calibrate']:.1f}s, "
                   f"plan+adapt {s['plan_adapt']:.1f}s, export {s['export']:.1f}s")
     console.print(f"adapter written to [bold]{result['out']}[/bold] (load with peft.PeftModel.from_pretrained(base, '{result['out']}'))")
 
@@ -69,17 +70,30 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show")
 def config_show(config: Optional[Path] = typer.Option(None, help="Resolve this YAML file instead of the defaults.")):
-    """Print a complete run config (defaults, or a file resolved against them) as commented YAML."""
+    """Print a complete run config (defaults, or a file resolved against them) as commented YAML.
+
+    `rankwise config show > run.yaml`, edit, then `rankwise train --config run.yaml`."""
     from .configdoc import commented_yaml
     from .runs import RunConfig, load_config
 
-    console.print(commented_yaml(load_config(config) if config else RunConfig()), markup=False, highlight=False)
+    # Plain stdout, not rich: YAML must come out byte for byte, whatever the terminal width.
+    sys.stdout.write(commented_yaml(load_config(config) if config else RunConfig()))
 
 
 _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_data": "data.eval", "method": "init.method",
                 "rank": "init.rank", "alpha": "init.alpha", "rho": "init.rho", "targets": "init.targets",
                 "steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
-                "seq_len": "data.seq_len", "seed": "train.seed", "text_field": "data.text_field", "label_field": "data.label_field", "out": "out", "device": "device", "merge": "merge"}
+                "seq_len": "data.seq_len", "seed": "train.seed", "text_field": "data.text_field", "label_field": "data.label_field",
+                "prompt_field": "data.prompt_field", "completion_field": "data.completion_field",
+                "messages_field": "data.messages_field", "max_eval_examples": "data.max_eval_examples",
+                "eval_every": "train.eval_every", "out": "out", "device": "device", "merge": "merge"}
+_FIELD_HELP = {
+    "text": "Field/column holding plain text in .jsonl/.json/.csv/.tsv records (default 'text').",
+    "prompt": "Field holding the prompt (context only; not scored), e.g. 'question' for GSM8K (default 'prompt').",
+    "completion": "Field holding the completion (scored; for exact-match the reference), e.g. 'answer' (default 'completion').",
+    "messages": "Field holding chat messages [{role, content}, …] (default 'messages'); assistant turns are scored.",
+    "label": "Field/column holding the class label for classification (default 'label').",
+}
 
 
 @app.command()
@@ -99,25 +113,37 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     seq_len: Optional[int] = typer.Option(None, help="Maximum tokens per sequence (longer ones are truncated and counted)."),
-    text_field: Optional[str] = typer.Option(None, help="Name of the text field/column in .jsonl/.csv/.tsv data (default 'text')."),
-    label_field: Optional[str] = typer.Option(None, help="Name of the label field/column for --task seq-cls (default 'label')."),
+    text_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["text"]),
+    prompt_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["prompt"]),
+    completion_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["completion"]),
+    messages_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["messages"]),
+    label_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["label"]),
+    max_eval_examples: Optional[int] = typer.Option(None, help="Score at most this many held-out examples during training (default: all)."),
+    eval_every: Optional[int] = typer.Option(None, help="Held-out loss every N steps."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order and init."),
     out: Optional[Path] = typer.Option(None, help="Run folder (config.yaml, metrics.jsonl, plan.json, adapter/, merged/, report.md)."),
     device: Optional[str] = typer.Option(None, help="Torch device."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Also write merged/ (adapter folded into the weights)."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint, with the config saved there (other flags must agree with it)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
-    """Fine-tune with an adapter: calibrate, initialize (EVA by default), train, evaluate, export, report."""
+    """Fine-tune with an adapter: calibrate, initialize (EVA by default), train, evaluate, export, report.
+
+    Resume an interrupted run with `rankwise train --out DIR --resume`: it reads DIR/config.yaml."""
+    from .errors import ConfigError
     from .runs import load_config, run_train
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
     overrides = {_TRAIN_FLAGS[k]: v for k, v in given.items()}
-    if "init.targets" in overrides:
-        overrides["init.targets"] = _target_spec(overrides["init.targets"])
     if "out" in overrides:
         overrides["out"] = str(overrides["out"])
+    if resume and config is None:
+        if out is None:
+            raise ConfigError("--resume needs --out DIR, the run folder to continue")
+        config = out / "config.yaml"
+        if not config.exists():
+            raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start one without --resume")
     cfg = load_config(config, overrides)
     summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=console.print)
     console.print(f"run folder: [bold]{cfg.out}[/bold] — report.md, adapter/ (peft)" + (", merged/" if cfg.merge else "") +
@@ -126,45 +152,45 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., help="Base model (name, folder or .gguf), or a merged/ folder."),
-    adapter: Optional[Path] = typer.Option(None, help="A peft adapter folder to apply on the base model."),
-    data: str = typer.Option("pydoc", help="Data to evaluate on (for 'pydoc', its held-out topics)."),
-    metric: str = typer.Option("perplexity", help="'perplexity', 'accuracy' (classification) or 'exact-match' (GSM8K-style jsonl)."),
+    model: Optional[str] = typer.Option(None, help="Base model (name, folder or .gguf) or a merged/ folder; default with --adapter: its base."),
+    adapter: Optional[Path] = typer.Option(None, help="A peft adapter folder to apply on the base model (its task and classes come with it)."),
+    data: str = typer.Option("pydoc", help="Data: 'pydoc' (its held-out paragraphs), .txt, .jsonl/.json, .csv/.tsv."),
+    metric: str = typer.Option("perplexity", help="'perplexity' (plain text: sliding window; records: their scored tokens), 'accuracy' (classification) or 'exact-match' (final number after '####')."),
     seq_len: int = typer.Option(256, help="Perplexity window / max tokens per example."),
     stride: Optional[int] = typer.Option(None, help="Perplexity stride (default: half the window)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate at most this many examples (or tokens for perplexity)."),
-    prompt_field: str = typer.Option("question", help="exact-match: prompt field."),
-    answer_field: str = typer.Option("answer", help="exact-match: reference field (final number after '####')."),
-    text_field: str = typer.Option("text", help="Text field of .jsonl/.csv/.tsv data."),
-    label_field: str = typer.Option("label", help="accuracy: label field."),
+    limit: Optional[int] = typer.Option(None, help="At most this many examples (tokens for plain-text perplexity)."),
+    text_field: str = typer.Option("text", help=_FIELD_HELP["text"]),
+    prompt_field: str = typer.Option("prompt", help=_FIELD_HELP["prompt"]),
+    completion_field: str = typer.Option("completion", help=_FIELD_HELP["completion"]),
+    messages_field: str = typer.Option("messages", help=_FIELD_HELP["messages"]),
+    label_field: str = typer.Option("label", help=_FIELD_HELP["label"]),
     max_new_tokens: int = typer.Option(256, help="exact-match: generation length."),
 ):
     """Evaluate a model or base+adapter on a dataset; prints one JSON line of metrics."""
     import json
 
     from .evaluate_cli import run_eval
+    from .formats import Fields
 
-    result = run_eval(model, adapter, data, metric, seq_len=seq_len, stride=stride or max(1, seq_len // 2), limit=limit, prompt_field=prompt_field,
-                      answer_field=answer_field, text_field=text_field, label_field=label_field, max_new_tokens=max_new_tokens)
-    console.print(json.dumps(result), markup=False, highlight=False)
+    fields = Fields.build(where="rankwise eval", text_field=text_field, prompt_field=prompt_field,
+                          completion_field=completion_field, messages_field=messages_field, label_field=label_field)
+    result = run_eval(model, adapter, data, metric, seq_len=seq_len, stride=stride or max(1, seq_len // 2), limit=limit,
+                      fields=fields, max_new_tokens=max_new_tokens)
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
 @app.command("export")
 def export_cmd(
     adapter: Path = typer.Argument(..., help="A peft adapter folder (e.g. runs/demo/adapter)."),
     out: Path = typer.Option(..., help="Where to write the merged model (transformers folder)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the adapter)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the adapter's rankwise.json)."),
 ):
-    """Merge an adapter into its base model and save a folder `AutoModel*.from_pretrained` loads."""
+    """Merge an adapter into its base model and save a folder `AutoModel*.from_pretrained` loads.
+
+    A classification adapter is merged with its trained head and class names (config id2label)."""
     from .evaluate_cli import merge_adapter
 
     console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
-
-
-def _target_spec(targets: str):
-    if targets.startswith("re:"):
-        return targets[3:]
-    return targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from .errors import DataError
-from .formats import IGNORE, Fields, cls_example, label_set, lm_example, read_rows
+from .formats import IGNORE, Fields, cls_example, file_kind, label_set, lm_example, read_rows, read_text
 
 SPLITS = ("train", "eval")
 TASKS = ("causal-lm", "seq-cls")
@@ -22,10 +22,10 @@ class DataConfig(Fields):
     train: str = "pydoc"
     eval: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    labels: list[str] | None = None  # classification label set (default: sorted labels seen in train)
+    labels: list[str] | None = None  # classification label set (default: the labels seen in train, sorted)
     seq_len: int = Field(256, ge=8)
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = 64  # held-out loss runs every eval_every steps: keep it quick
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)  # None: every held-out example
 
 
 @dataclass
@@ -39,6 +39,8 @@ class Dataset:
     dropped: int = 0
     label_names: list[str] | None = None
     tokens: int = field(default=0)
+    packed: bool = False  # plain text cut into consecutive blocks of one token stream
+    available: int = 0  # examples before max_*_examples was applied
 
 
 def pydoc_texts(split: str = "train") -> list[str]:
@@ -59,26 +61,54 @@ def _held_out(key: str, fraction: float) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10_000 < fraction * 10_000
 
 
-def _pack(texts: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate texts (EOS between) and cut into full blocks of seq_len tokens."""
+def token_stream(texts: list[str], tokenizer) -> list[int]:
+    """The texts tokenized and concatenated, EOS (or SEP) after each."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
+    return stream
+
+
+def _pack(texts: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate texts (EOS between) and cut into full blocks of seq_len tokens."""
+    stream = token_stream(texts, tokenizer)
     blocks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
     return [(b, list(b)) for b in blocks]
+
+
+def is_plain_text(source: str) -> bool:
+    """True for the embedded corpus and plain-text files; False for record files (errors on unknown types)."""
+    return source == "pydoc" or file_kind(Path(source)) == "text"
+
+
+def check_source(source: str) -> Path:
+    path = Path(source)
+    if source != "pydoc" and not path.exists():
+        raise DataError(f"data file {path} does not exist (or use the embedded corpus: 'pydoc')")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a data file (.jsonl, .json, .csv, .tsv, .txt) or 'pydoc'")
+    return path
 
 
 def _text_split(source: str, split: str | None, fraction: float) -> list[str]:
     """Documents of a plain-text source (paragraphs of a .txt file); split=None: all of them."""
     if source == "pydoc":
         return pydoc_texts(split or "train")  # the embedded corpus keeps its held-out paragraphs apart
-    docs = [d for d in Path(source).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    docs = [d for d in read_text(Path(source)).split("\n\n") if d.strip()]
     if split is None:
         return docs
     return [d for i, d in enumerate(docs) if _held_out(str(i), fraction) == (split == "eval")]
+
+
+def read_stream(source: str, tokenizer, split: str | None = None, fraction: float = 0.1) -> list[int]:
+    """One token stream of a plain-text source (for perplexity): its documents, EOS after each."""
+    check_source(source)
+    if not is_plain_text(source):
+        raise DataError(f"{source}: a token stream needs plain text ('pydoc', .txt); records are scored one by one")
+    return token_stream(_text_split(source, split, fraction), tokenizer)
 
 
 def read_examples(source: str, tokenizer, task: str, seq_len: int, split: str | None, fraction: float,
@@ -86,18 +116,16 @@ def read_examples(source: str, tokenizer, task: str, seq_len: int, split: str | 
     """Tokenize one source; split=None takes it whole, else keeps the train or eval slice."""
     if task not in TASKS:
         raise DataError(f"task {task!r} is not one of {TASKS}")
-    path = Path(source)
-    if source != "pydoc" and not path.exists():
-        raise DataError(f"data file {path} does not exist (or use the embedded corpus: 'pydoc')")
-    if source == "pydoc" or path.suffix not in (".jsonl", ".csv", ".tsv"):
+    path = check_source(source)
+    if is_plain_text(source):
         if task != "causal-lm":
-            raise DataError(f"{source}: classification needs a .jsonl/.csv/.tsv file with text and label fields")
-        return Dataset(_pack(_text_split(source, split, fraction), tokenizer, seq_len), task, source)
+            raise DataError(f"{source}: classification needs a .jsonl/.json/.csv/.tsv file with text and label fields")
+        return Dataset(_pack(_text_split(source, split, fraction), tokenizer, seq_len), task, source, packed=True)
     rows = read_rows(path)
     if split is not None:
         rows = [r for i, r in enumerate(rows) if _held_out(str(i), fraction) == (split == "eval")]
     if task == "seq-cls":
-        names = label_names or label_set(rows, fields.label_field)
+        names = label_names or label_set(rows, fields.label_field, path)
         ids = {n: i for i, n in enumerate(names)}
         examples = [cls_example(r, f"{path}:{ln}", tokenizer, fields, ids) for ln, r in rows]
         ds = Dataset(examples, task, source, label_names=names)
@@ -130,6 +158,7 @@ def load_dataset(cfg: DataConfig, tokenizer, task: str = "causal-lm") -> tuple[D
     else:
         ev = read_examples(cfg.train, tokenizer, task, cfg.seq_len, "eval", cfg.eval_fraction, cfg, train.label_names)
     for ds, cap, name in ((train, cfg.max_train_examples, "train"), (ev, cfg.max_eval_examples, "eval")):
+        ds.available = len(ds.examples)
         if cap is not None:
             ds.examples = ds.examples[:cap]
         if not ds.examples:

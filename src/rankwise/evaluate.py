@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import DataError
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 @torch.no_grad()
@@ -21,12 +21,14 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
 
     Windows of `window` tokens start every `stride`; each scores only the tokens the previous window
     did not, so every token after the first is predicted once, with up to window − stride tokens of
-    context. Returns {"perplexity", "nll", "tokens"}.
+    context. A window's first token has no context inside it, so consecutive windows overlap by at
+    least one token (stride is capped at window − 1). Returns {"perplexity", "nll", "tokens"}.
     """
     if len(token_ids) < 2:
-        raise DataError("perplexity needs at least 2 tokens")
-    if not 0 < stride <= window:
-        raise DataError(f"stride must be in (0, window]; got stride={stride}, window={window}")
+        raise DataError(f"perplexity needs at least 2 tokens (got {len(token_ids)})")
+    if window < 2 or not 0 < stride <= window:
+        raise DataError(f"need window ≥ 2 and stride in (0, window]; got stride={stride}, window={window}")
+    stride = min(stride, window - 1)
     device = next(model.parameters()).device
     jobs, prev_end = [], 0
     for begin in range(0, len(token_ids) - 1, stride):
@@ -53,6 +55,36 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((tgt != -100).sum())
     model.train(was)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+def loss_terms(model, batch: dict, task: str, return_logits: bool = False):
+    """(summed loss, count[, logits]): token cross-entropy on labels != -100 for causal LM (label t+1 is
+    predicted at t), example cross-entropy for classification."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if task == "seq-cls":
+        loss, n = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+    else:
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        n = int((labels != -100).sum())
+    return (loss, n, out.logits) if return_logits else (loss, n)
+
+
+@torch.no_grad()
+def record_perplexity(model, batches: list[dict], progress: bool = False) -> dict:
+    """Perplexity of records scored one by one, on their labelled tokens only (a completion, an assistant
+    turn; prompts are context). batches: collated examples. Returns {"perplexity", "nll", "tokens"}."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for b in tqdm(batches, disable=not progress, desc="perplexity", leave=False):
+        loss, n = loss_terms(model, {k: v.to(device) for k, v in b.items()}, "causal-lm")
+        nll, count = nll + float(loss), count + n
+    model.train(was)
+    if count == 0:
+        raise DataError("perplexity: no scored token in these records (every label is -100)")
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
 
 

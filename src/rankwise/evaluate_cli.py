@@ -6,63 +6,133 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .formats import Fields
 
 METRICS = ("perplexity", "accuracy", "exact-match")
 
 
-def load_with_adapter(model: str, adapter: Path | None, task: str = "auto", num_labels: int | None = None):
-    """(model, tokenizer): the base model, with the peft adapter in `adapter` applied if given."""
+def _adapter_config(adapter: Path) -> dict:
+    path = Path(adapter) / "adapter_config.json"
+    if not path.exists():
+        raise ConfigError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    return json.loads(path.read_text())
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter folder was made on: rankwise.json's name, else peft's record."""
+    from .export import read_adapter_meta
+
+    base = read_adapter_meta(adapter).get("base_model") or _adapter_config(adapter).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter} does not record its base model; pass --model")
+    return base
+
+
+def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto", labels: list[str] | None = None):
+    """(model, tokenizer): the base model, with the peft adapter in `adapter` applied if given.
+
+    With an adapter, its rankwise.json decides the task and class names (a classification adapter
+    needs its head); every tensor of the adapter file must land in the model, else it is an error.
+    """
+    from .export import read_adapter_meta
     from .models import load_model
 
-    base, tok = load_model(model, task=task, num_labels=num_labels)
     if adapter is None:
-        return base, tok
+        return load_model(model, task=task, labels=labels)
+    _adapter_config(adapter)
+    meta = read_adapter_meta(adapter)
+    task = meta.get("task", task if task != "auto" else "auto")
+    labels = meta.get("labels") or labels
+    base, tok = load_model(model or adapter_base(adapter), task=task, labels=labels if task == "seq-cls" else None)
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise ConfigError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(base, str(adapter)).eval(), tok
+    try:
+        loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    except Exception as e:  # peft raises ValueError/KeyError/RuntimeError for adapters that do not fit
+        raise ConfigError(f"{adapter} does not fit base model {model or adapter_base(adapter)!r} ({task}): "
+                          f"{type(e).__name__}: {e}") from None
+    _check_loaded(loaded, Path(adapter), task)
+    return loaded, tok
 
 
-def run_eval(model: str, adapter: Path | None, data: str, metric: str, seq_len: int = 256, stride: int = 128,
-             limit: int | None = None, prompt_field: str = "question", answer_field: str = "answer",
-             text_field: str = "text", label_field: str = "label", max_new_tokens: int = 256) -> dict:
-    from .data import read_examples
-    from .evaluate import accuracy, exact_match, perplexity
-    from .formats import Fields, label_set, read_rows
+def _check_loaded(model, adapter: Path, task: str) -> None:
+    """Every tensor saved in the adapter is in the model, with the saved values (peft only warns)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
 
+    files = list(adapter.glob("adapter_model*.safetensors"))
+    if not files:
+        return
+    saved = load_file(str(files[0]))
+    have = get_peft_model_state_dict(model)
+    missing = [k for k in saved if k not in have or have[k].shape != saved[k].shape or not have[k].cpu().equal(saved[k])]
+    if missing:
+        raise ConfigError(f"{adapter}: {len(missing)} of {len(saved)} adapter tensors did not load onto the base model "
+                          f"({task}), e.g. {missing[0]}; is --model the base this adapter was trained on?")
+
+
+def eval_labels(model: str | None, adapter: Path | None, data: str, label_field: str) -> list[str]:
+    """Class names for accuracy: the adapter's, else the model config's id2label, else the data's own."""
+    from .export import class_names, read_adapter_meta
+    from .formats import label_set, read_rows
+
+    if adapter is not None and read_adapter_meta(adapter).get("labels"):
+        return list(read_adapter_meta(adapter)["labels"])
+    if model is not None and (Path(model) / "config.json").exists():
+        from transformers import AutoConfig
+
+        names = class_names(AutoConfig.from_pretrained(model))
+        if names:
+            return names
+    return label_set(read_rows(Path(data)), label_field, data)
+
+
+def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, seq_len: int = 256, stride: int = 128,
+             limit: int | None = None, fields: Fields | None = None, max_new_tokens: int = 256) -> dict:
+    """One metric of model (+ adapter) on `data`; returns {"metric", ...its values}."""
+    from .data import batchify, check_source, is_plain_text, read_examples, read_stream
+    from .evaluate import accuracy, perplexity, record_perplexity
+
+    fields = fields or Fields()
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {METRICS}")
-    fields = Fields(text_field=text_field, label_field=label_field)
+    if model is None and adapter is None:
+        raise ConfigError("give --model, --adapter, or both")
+    check_source(data)
     if metric == "accuracy":
-        from .data import batchify
-
-        names = label_set(read_rows(Path(data)), label_field)
-        m, tok = load_with_adapter(model, adapter, task="seq-cls", num_labels=len(names))
+        names = eval_labels(model, adapter, data, fields.label_field)
+        m, tok = load_with_adapter(model, adapter, task="seq-cls", labels=names)
         ds = read_examples(data, tok, "seq-cls", seq_len, None, 0.1, fields, names)
-        return {"metric": metric, **accuracy(m, batchify(ds.examples[:limit], tok, 16))}
+        return {"metric": metric, **accuracy(m, batchify(ds.examples[:limit], tok, 16)), "labels": names}
     m, tok = load_with_adapter(model, adapter, task="causal-lm")
     if metric == "perplexity":
-        ds = read_examples(data, tok, "causal-lm", 10**9 if data != "pydoc" else seq_len, "eval" if data == "pydoc" else None, 0.1, fields)
-        stream = [t for ids, _ in ds.examples for t in ids][:limit]
-        return {"metric": metric, **perplexity(m, stream, window=seq_len, stride=stride)}
-    rows = [r for _, r in read_rows(Path(data))][:limit]
-    if not rows or prompt_field not in rows[0] or answer_field not in rows[0]:
-        raise DataError(f"{data}: exact-match needs '{prompt_field}' and '{answer_field}' fields")
-    res = exact_match(m, tok, [str(r[prompt_field]) for r in rows], [str(r[answer_field]) for r in rows], max_new_tokens)
+        if is_plain_text(data):
+            stream = read_stream(data, tok, "eval" if data == "pydoc" else None)[:limit]
+            return {"metric": metric, **perplexity(m, stream, window=seq_len, stride=stride)}
+        ds = read_examples(data, tok, "causal-lm", seq_len, None, 0.1, fields)
+        return {"metric": metric, **record_perplexity(m, batchify(ds.examples[:limit], tok, 8)), "truncated": ds.truncated}
+    return {"metric": metric, **_exact_match(m, tok, data, limit, fields, max_new_tokens)}
+
+
+def _exact_match(model, tok, data: str, limit: int | None, fields: Fields, max_new_tokens: int) -> dict:
+    from .evaluate import exact_match
+    from .formats import RECORD_SUFFIXES, field_text, read_rows
+
+    if Path(data).suffix.lower() not in RECORD_SUFFIXES:
+        raise DataError(f"{data}: exact-match needs records with '{fields.prompt_field}' and '{fields.completion_field}' fields")
+    rows = read_rows(Path(data))[:limit]
+    if not rows:
+        raise DataError(f"{data}: no records")
+    prompts = [field_text(r, fields.prompt_field, f"{data}:{ln}") for ln, r in rows]
+    refs = [field_text(r, fields.completion_field, f"{data}:{ln}") for ln, r in rows]
+    res = exact_match(model, tok, prompts, refs, max_new_tokens)
     res.pop("outputs")
-    return {"metric": metric, **res}
+    return res
 
 
 def merge_adapter(adapter: Path, out: Path, model: str | None = None) -> Path:
-    """Load base + adapter, fold the adapter in, save a transformers folder to `out`."""
+    """Load base + adapter (with its task and class names), fold the adapter in, save a transformers folder."""
     from .export import export_merged
 
-    cfg_path = Path(adapter) / "adapter_config.json"
-    if not cfg_path.exists():
-        raise ConfigError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-    base = model or json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{adapter} does not record its base model; pass --model")
-    m, tok = load_with_adapter(base, Path(adapter))
+    m, tok = load_with_adapter(model, Path(adapter))
     return export_merged(m, tok, out)

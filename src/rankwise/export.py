@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,17 +11,63 @@ from .errors import ConfigError
 from .plan import Plan
 
 FORMATS = ("peft",)
+META = "rankwise.json"  # beside adapter_config.json: base model, task, class names
+
+
+def base_task(model) -> str:
+    """'seq-cls', 'causal-lm' or 'encoder' for a (peft-wrapped) transformers model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    task = getattr(inner, "rankwise_task", None)
+    if task in ("seq-cls", "causal-lm", "encoder"):
+        return task
+    name = type(inner).__name__
+    return "seq-cls" if name.endswith("ForSequenceClassification") else "causal-lm" if name.endswith("ForCausalLM") else "encoder"
+
+
+def class_names(config) -> list[str] | None:
+    """The config's id2label as a list, or None when it holds only transformers' placeholder names."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def adapter_meta(model) -> dict:
+    """What a reader of the adapter folder needs to rebuild its base: model, task, class names."""
+    from .models import describe_base
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = getattr(inner, "rankwise_source", None) or getattr(inner.config, "_name_or_path", "")
+    task = base_task(model)
+    meta = {**describe_base(str(source)), "task": task}
+    if task == "seq-cls":
+        meta["labels"] = class_names(inner.config) or [str(i) for i in range(inner.config.num_labels)]
+    return meta
+
+
+def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
+    """rankwise.json of an adapter folder ({} for adapters rankwise did not write)."""
+    path = Path(adapter_dir) / META
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan | None = None) -> Path:
-    """Write a peft adapter folder (adapter_config.json, adapter_model.safetensors) and plan.json."""
+    """Write a peft adapter folder (adapter_config.json, adapter_model.safetensors), rankwise.json and plan.json.
+
+    adapter_config.json names the base by its hub id (embedded models) or absolute path, never a cache path.
+    """
     if format not in FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {FORMATS}")
     if not hasattr(model, "peft_config"):
         raise ConfigError("format 'peft' needs a model returned by adapt_ (a PeftModel)")
     out = Path(out_dir)
+    meta = adapter_meta(model)
     with staging_dir(out) as tmp:
         model.save_pretrained(tmp)
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = meta["base_model_id"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (tmp / META).write_text(json.dumps(meta, indent=2))
         plan = plan or getattr(model, "rankwise_plan", None)
         if plan is not None:
             plan.save(tmp / "plan.json")

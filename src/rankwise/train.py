@@ -7,19 +7,23 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from .config import StrictModel
 from .data import Dataset, batchify
 from .errors import RankwiseError
+from .evaluate import loss_terms
 
 
 class TrainConfig(StrictModel):
@@ -71,18 +75,6 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return _PERMS[key]
 
 
-def loss_terms(model, batch: dict, task: str, return_logits: bool = False):
-    """(summed loss, count[, logits]): token cross-entropy for causal LM, example cross-entropy for classification."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if task == "seq-cls":
-        loss, n = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
-    else:
-        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        n = int((labels != -100).sum())
-    return (loss, n, out.logits) if return_logits else (loss, n)
-
-
 @torch.no_grad()
 def eval_loss(model, batches: list[dict], task: str, device) -> dict:
     """Mean loss over eval batches (+ accuracy for classification), one forward per batch."""
@@ -116,10 +108,71 @@ def _param_groups(params: dict, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def _schedule(opt, cfg: TrainConfig):
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup (step+1)/(warmup+1),
+    so the first step already moves, then cosine decay from 1 to min_ratio over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
+
+def _schedule(opt, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+
+
+def default_lr(model) -> float:
+    """The learning rate of the init method that made this model's adapter (its `default_lr`)."""
+    from .methods import get_init
+
+    plan = getattr(model, "rankwise_plan", None)
+    if plan is None:
+        raise RankwiseError("lr=None means the init method's default, but this model carries no rankwise plan "
+                            "(it was not made by rankwise.adapt_); pass TrainConfig(lr=...)")
+    return float(getattr(get_init(plan.method), "default_lr", 5e-4))
+
+
+class _HardInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C inside an update: the state may be half-updated, so no checkpoint is written."""
+
+
+class _Interrupts:
+    """SIGINT → KeyboardInterrupt at once, except inside `critical()`, where it is held until the section
+    ends; a checkpoint then never holds a half-applied optimizer step or a step count that lags its weights."""
+
+    def __init__(self):
+        self.depth, self.pending, self._prev = 0, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+        return False
+
+    def _handler(self, signum, frame):
+        if not self.depth:
+            raise KeyboardInterrupt
+        if self.pending:
+            raise _HardInterrupt
+        self.pending = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (press again to stop now, unsaved)",
+              file=sys.stderr, flush=True)
+
+    @contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.pending and not self.depth:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, keep: int) -> Path:
@@ -128,11 +181,15 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, keep: int) -> 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_dir))
     state = {"step": step, "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-    torch.save(state, tmp / "state.pt")
     final = ckpt_dir / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -146,6 +203,13 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def _load_checkpoint(path: Path, model, opt, sched) -> int:
     state = torch.load(path / "state.pt", weights_only=False)
     params = _trainable(model)
+    saved = {n: tuple(t.shape) for n, t in state["params"].items()}
+    wanted = {n: tuple(p.shape) for n, p in params.items()}
+    if saved != wanted:
+        diff = sorted(set(saved) ^ set(wanted)) or [n for n in saved if saved[n] != wanted[n]]
+        n = diff[0]
+        raise RankwiseError(f"checkpoint {path} does not fit this model: {n} is {saved.get(n, 'absent')} there and "
+                            f"{wanted.get(n, 'absent')} here; resume with the run's own config.yaml")
     with torch.no_grad():
         for n, t in state["params"].items():
             params[n].copy_(t)
@@ -180,7 +244,7 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     if not params:
         raise RankwiseError("the model has no trainable parameters (adapt_ it first)")
     if cfg.lr is None:
-        cfg = cfg.model_copy(update={"lr": 5e-4})
+        cfg = cfg.model_copy(update={"lr": default_lr(model)})
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(_param_groups(params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
@@ -199,28 +263,38 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step")
     step, t_last = start, time.perf_counter()
-    try:
-        while step < cfg.steps:
-            row = _one_step(model, train_ds, tokenizer, cfg, step, opt, sched, params, device)
-            step += 1
-            dt, t_last = time.perf_counter() - t_last, time.perf_counter()
-            row |= {"step": step, "tokens_per_s": row.pop("tokens") / dt}
-            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                row |= eval_loss(model, eval_batches, train_ds.task, device)
-                t_last = time.perf_counter()  # eval time is not training throughput
-            result.history.append(row)
-            _log(metrics, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if ckpt_dir is not None and (step % cfg.save_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
-    except KeyboardInterrupt:
-        bar.close()
-        if ckpt_dir is None:
-            raise
-        path = save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
-        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}. "
-                                  f"Resume with: {resume_hint or 'train(..., resume=True)'}") from None
+    with _Interrupts() as interrupts:
+        try:
+            while step < cfg.steps:
+                micro, count, loss_sum = _forward_backward(model, train_ds, tokenizer, cfg, step, device)
+                # From the update to the checkpoint, state and step count change together or not at all.
+                with interrupts.critical():
+                    row = _update(opt, sched, params, cfg, step, count, loss_sum, micro)
+                    step += 1
+                    dt, t_last = time.perf_counter() - t_last, time.perf_counter()
+                    row |= {"step": step, "tokens_per_s": row.pop("tokens") / dt}
+                    if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        row |= eval_loss(model, eval_batches, train_ds.task, device)
+                        t_last = time.perf_counter()  # eval time is not training throughput
+                    result.history.append(row)
+                    _log(metrics, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    if ckpt_dir is not None and (step % cfg.save_every == 0 or step == cfg.steps):
+                        save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
+        except _HardInterrupt:
+            bar.close()
+            last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+            raise TrainingInterrupted(f"stopped inside step {step + 1}: no checkpoint written for it"
+                                      + (f"; the last one is {last}" if last else "")) from None
+        except KeyboardInterrupt:
+            bar.close()
+            if ckpt_dir is None:
+                raise
+            interrupts.depth += 1  # further Ctrl-C while saving is ignored (pending, never re-raised)
+            path = save_checkpoint(ckpt_dir, step, model, opt, sched, cfg.keep_checkpoints)
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}. "
+                                      f"Resume with: {resume_hint or 'train(..., resume=True)'}") from None
     bar.close()
     model.eval()
     result.step = step
@@ -228,16 +302,22 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     return result
 
 
-def _one_step(model, ds, tokenizer, cfg, step, opt, sched, params, device) -> dict:
+def _forward_backward(model, ds, tokenizer, cfg, step, device) -> tuple[list[dict], int, float]:
+    """Gradients of optimizer step `step`'s micro-batches (loss normalized by the step's scored count)."""
     micro = [_micro_batch(ds, tokenizer, cfg, step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
     micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
     count = sum(_count(b, ds.task) for b in micro)
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     total = 0.0
     for b in micro:
         loss, _ = loss_terms(model, b, ds.task)
         (loss / max(count, 1)).backward()
         total += float(loss.detach())
+    return micro, count, total
+
+
+def _update(opt, sched, params, cfg, step, count, total, micro) -> dict:
+    """Clip, apply one optimizer step and advance the schedule; returns the step's log row."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
     lr = opt.param_groups[0]["lr"]
     opt.step()
