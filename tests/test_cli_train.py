@@ -87,12 +87,3 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_resume(tiny_model_dir, tmp_path):
     assert len(ckpts) == 1 and (ckpts[0] / "state.pt").exists()
     step = int(ckpts[0].name.split("-")[1])
     assert step >= 3 and len(metrics.read_text().splitlines()) >= step
-
-
-def test_eval_accuracy_cli(tiny_bert_dir, tmp_path):
-    f = tmp_path / "dev.tsv"
-    f.write_text("sentence\tlabel\n" + "".join(f"item {i}\t{i % 2}\n" for i in range(10)))
-    r = run("eval", "--model", tiny_bert_dir, "--data", f, "--metric", "accuracy", "--text-field", "sentence")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["metric"] == "accuracy" and res["examples"] == 10 and 0 <= res["accuracy"] <= 1

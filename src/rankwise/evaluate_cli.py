@@ -64,7 +64,7 @@ def _check_loaded(model, adapter: Path, task: str) -> None:
     if not files:
         return
     saved = load_file(str(files[0]))
-    have = get_peft_model_state_dict(model)
+    have = get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" would look the base up on the hub
     missing = [k for k in saved if k not in have or have[k].shape != saved[k].shape or not have[k].cpu().equal(saved[k])]
     if missing:
         raise ConfigError(f"{adapter}: {len(missing)} of {len(saved)} adapter tensors did not load onto the base model "
@@ -99,6 +99,8 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
     if model is None and adapter is None:
         raise ConfigError("give --model, --adapter, or both")
     check_source(data)
+    if is_plain_text(data) and metric != "perplexity":  # (unknown file types fail here too, before any loading)
+        raise DataError(f"{data}: {metric} needs records (.jsonl/.json/.csv/.tsv), not plain text")
     if metric == "accuracy":
         names = eval_labels(model, adapter, data, fields.label_field)
         m, tok = load_with_adapter(model, adapter, task="seq-cls", labels=names)
@@ -116,10 +118,8 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
 
 def _exact_match(model, tok, data: str, limit: int | None, fields: Fields, max_new_tokens: int) -> dict:
     from .evaluate import exact_match
-    from .formats import RECORD_SUFFIXES, field_text, read_rows
+    from .formats import field_text, read_rows
 
-    if Path(data).suffix.lower() not in RECORD_SUFFIXES:
-        raise DataError(f"{data}: exact-match needs records with '{fields.prompt_field}' and '{fields.completion_field}' fields")
     rows = read_rows(Path(data))[:limit]
     if not rows:
         raise DataError(f"{data}: no records")

@@ -165,6 +165,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from .train import train
 
     out, t0 = Path(cfg.out), time.perf_counter()
+    _check_sources(cfg)
     labels = _label_names(cfg)
     if labels:
         cfg.data.labels = labels  # recorded in config.yaml: the run's classes, in index order
@@ -210,6 +211,15 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
     return summary
+
+
+def _check_sources(cfg: RunConfig) -> None:
+    """Missing files and unknown formats fail before the model is loaded."""
+    from .data import check_source, is_plain_text
+
+    for source in filter(None, (cfg.data.train, cfg.data.eval)):
+        check_source(source)
+        is_plain_text(source)
 
 
 def _label_names(cfg: RunConfig) -> list[str] | None:
