@@ -23,7 +23,7 @@ import torch
 
 import rankwise as rw
 from rankwise.data import DataConfig, batchify, load_dataset
-from rankwise.runs import head_modules
+from rankwise.cli.runs import head_modules
 from rankwise.train import TrainConfig, train
 
 TASKS = {

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 import rankwise as rw
-from rankwise.linalg import subspace_cos2
+from rankwise.numerics.linalg import subspace_cos2
 
 
 class PeakRSS:

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import rankwise as rw
-from rankwise.calibrate import Recorder
+from rankwise.calib.calibrate import Recorder
 from rankwise.errors import CalibrationError, TargetError
-from rankwise.linalg import GramAccumulator
+from rankwise.numerics.linalg import GramAccumulator
 
 from conftest import make_batches, tiny_bert, tiny_llama
 

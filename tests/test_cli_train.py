@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from rankwise.runs import RunConfig
+from rankwise.cli.runs import RunConfig
 
 from test_cli import run
 

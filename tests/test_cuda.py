@@ -29,13 +29,13 @@ def test_calibrate_and_adapt_on_cuda():
         assert torch.isfinite(pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits).all()
     summarized = rw.calibrate(tiny_llama().cuda(), batches, keep=8, progress=False)
     name = cpu.order[0]
-    from rankwise.linalg import subspace_cos2
+    from rankwise.numerics.linalg import subspace_cos2
     assert subspace_cos2(summarized[name].eigvecs.cpu(), cpu[name].spectrum(8)[1]) >= 1 - 1e-4
 
 
 def test_scatter_stable_at_large_mean_on_cuda():
     """mean/std 1e4: the shifted accumulation on the GPU matches the float64 brute force of the same rows."""
-    from rankwise.linalg import GramAccumulator
+    from rankwise.numerics.linalg import GramAccumulator
 
     g = torch.Generator().manual_seed(0)
     d = 300
@@ -52,7 +52,7 @@ def test_scatter_stable_at_large_mean_on_cuda():
 
 
 def test_train_run_on_cuda(tiny_model_dir, tmp_path):
-    from rankwise.runs import load_config, run_train
+    from rankwise.cli.runs import load_config, run_train
 
     cfg = load_config(None, {"model": str(tiny_model_dir), "device": "cuda", "out": str(tmp_path / "run"), "train.steps": 4,
                              "data.seq_len": 32, "data.max_train_examples": 32, "init.rank": 2})

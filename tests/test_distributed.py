@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rankwise as rw
-from rankwise.linalg import GramAccumulator
+from rankwise.numerics.linalg import GramAccumulator
 
 from conftest import make_batches, tiny_llama
 

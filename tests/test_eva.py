@@ -5,7 +5,7 @@ import torch
 
 import rankwise as rw
 from rankwise.errors import ConfigError, PlanError
-from rankwise.linalg import subspace_cos2
+from rankwise.numerics.linalg import subspace_cos2
 
 from conftest import make_batches, tiny_bert, tiny_llama
 

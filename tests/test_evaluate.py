@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankwise.evaluate import exact_match, final_number, perplexity
+from rankwise.train.evaluate import exact_match, final_number, perplexity
 
 from conftest import tiny_llama
 
@@ -110,7 +110,7 @@ def test_final_number_leading_point(text, expected):
 
 def test_record_perplexity_scores_only_labelled_tokens():
     from rankwise.data import batchify
-    from rankwise.evaluate import record_perplexity
+    from rankwise.train.evaluate import record_perplexity
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(3)

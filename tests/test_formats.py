@@ -7,7 +7,7 @@ import pytest
 import rankwise as rw
 from rankwise.data import DataConfig, load_dataset, read_examples
 from rankwise.errors import DataError
-from rankwise.formats import Fields
+from rankwise.data.formats import Fields
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -114,7 +114,7 @@ def test_null_text_in_lm_records_is_an_error(tok, tmp_path):
 
 
 def test_numeric_labels_sort_as_numbers(tok, tmp_path):
-    from rankwise.formats import sort_labels
+    from rankwise.data.formats import sort_labels
 
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
     f = tmp_path / "s.csv"

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankwise.budget import allocate_by_score
-from rankwise.linalg import GramAccumulator, centered_scatter, raw_moments, reshift, subspace_cos2, top_eigh
-from rankwise.stats import LayerStats
+from rankwise.plan.budget import allocate_by_score
+from rankwise.numerics.linalg import GramAccumulator, centered_scatter, raw_moments, reshift, subspace_cos2, top_eigh
+from rankwise.calib.stats import LayerStats
 
 
 def _rel(a, b):
@@ -111,10 +111,16 @@ def test_merge_equals_one_accumulation(rows, split, d, offset, drift, seed):
     if merged.n < 2:
         return
     ref = _brute_scatter(xs)
+    # A shift c at distance Δ = |c − μ|/σ from the data's mean leaves fp32 cancellation of order ε·(1 + Δ²):
+    # the single pass shifts by its first batch's mean, which can be one row of the un-drifted part
+    # (Δ up to `drift`); a calibration set's first batch sits within ~1/√rows of μ, so Δ² ≪ 1 there.
+    full = torch.cat(xs).double()
+    spread = full.var(0, unbiased=False).clamp_min(1e-30)
+    tol = SCATTER_RTOL * (1 + max(float(((st.shift - full.mean(0)) ** 2 / spread).max()) for st in (merged, single)))
     for got in (merged.scatter(), single.scatter()):
         err = float((got - ref).norm())
-        assert err <= SCATTER_RTOL * float(ref.norm()) or err <= 1e-9 * float(torch.cat(xs).double().square().sum())
-    assert _rel(merged.scatter(), single.scatter()) <= SCATTER_RTOL or float(ref.norm()) == 0
+        assert err <= tol * float(ref.norm()) or err <= 1e-9 * float(full.square().sum())
+    assert _rel(merged.scatter(), single.scatter()) <= 2 * tol or float(ref.norm()) == 0
     assert torch.equal(merged.m2, merged.m2.T)
     full = torch.cat(xs).double()
     assert bool(((merged.sum - full.sum(0)).abs() <= 1e-6 * full.abs().sum(0)).all())

@@ -131,7 +131,7 @@ def test_readme_cli_and_python_blocks_run_as_written(workdir):
 def test_every_subcommand_is_in_the_readme():
     from typer.main import get_command
 
-    from rankwise.cli import app
+    from rankwise.cli.main import app
 
     group = get_command(app)
     documented = {(argv[1], argv[2] if argv[1] == "config" else None) for argv in readme_cli_commands() if len(argv) > 1}

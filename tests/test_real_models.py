@@ -34,7 +34,7 @@ def test_smollm2_eva_end_to_end(tmp_path):
 
 
 def test_minilm_eva_with_pooler():
-    from rankwise.linalg import subspace_cos2
+    from rankwise.numerics.linalg import subspace_cos2
 
     model, tok = rw.load_model("minilm")
     assert type(model).__name__ == "BertModel"

@@ -8,10 +8,10 @@ import torch
 
 import rankwise as rw
 from rankwise.data import DataConfig, load_dataset
-from rankwise.runs import load_config, run_train
+from rankwise.cli.runs import load_config, run_train
 from rankwise.train import TrainConfig, TrainingInterrupted, train
 
-train_module = sys.modules["rankwise.train"]
+train_module = sys.modules["rankwise.train.loop"]
 
 
 def _adapted(tiny_model_dir, method="eva"):
@@ -132,7 +132,7 @@ def test_resume_that_contradicts_the_run_is_an_error(tiny_model_dir, tmp_path, m
 
 
 def test_first_step_moves_and_schedule_ends_at_min():
-    from rankwise.train import lr_factor
+    from rankwise.train.loop import lr_factor
 
     f = [lr_factor(s, 3, 10, 0.1) for s in range(10)]
     assert f[0] == pytest.approx(0.25) and f[:4] == sorted(f[:4]) and f[3] == 1.0  # warmup: 1/4, 2/4, 3/4, then peak
@@ -187,14 +187,14 @@ def test_classification_head_saved_and_reloaded(tiny_bert_dir, tmp_path):
     saved_head = [p for n, p in loaded.named_parameters() if "classifier" in n and "modules_to_save" in n and n.endswith("weight")]
     assert saved_head and not torch.allclose(saved_head[0], head_before)  # the trained head came back
     from rankwise.data import DataConfig, batchify, load_dataset
-    from rankwise.evaluate import accuracy
+    from rankwise.train.evaluate import accuracy
 
     _, ev = load_dataset(DataConfig(train=str(f), text_field="sentence", seq_len=16, labels=["0", "1"]), tok, "seq-cls")
     assert accuracy(loaded, batchify(ev.examples, tok, 8)) == summary["after"]  # the reloaded adapter scores the same
 
 
 def test_head_gets_its_own_learning_rate():
-    from rankwise.train import _param_groups
+    from rankwise.train.loop import _param_groups
 
     params = {"base_model.model.classifier.modules_to_save.default.weight": torch.nn.Parameter(torch.zeros(2)),
               "base_model.model.layer.lora_A.default.weight": torch.nn.Parameter(torch.zeros(2))}

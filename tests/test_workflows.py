@@ -8,7 +8,7 @@ import yaml
 
 import rankwise as rw
 from rankwise.errors import ConfigError
-from rankwise.runs import load_config, run_train
+from rankwise.cli.runs import load_config, run_train
 
 from test_cli import run
 
@@ -19,7 +19,7 @@ def _last_json(stdout: str) -> dict:
 
 def test_eval_perplexity_of_a_text_file(tiny_model_dir, tmp_path):
     from rankwise.data import read_stream
-    from rankwise.evaluate import perplexity
+    from rankwise.train.evaluate import perplexity
 
     f = tmp_path / "notes.txt"
     f.write_text("Lists are mutable sequences.\n\nTuples are immutable.\n\n" * 8)
@@ -100,7 +100,7 @@ def test_eval_accuracy_uses_the_adapters_classes(cls_run, tmp_path):
 
 def test_held_out_perplexity_scores_completions_only(tiny_model_dir, tmp_path):
     from rankwise.data import DataConfig, batchify, load_dataset
-    from rankwise.evaluate import record_perplexity
+    from rankwise.train.evaluate import record_perplexity
 
     f = tmp_path / "qa.jsonl"
     f.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}."}) + "\n" for i in range(40)))
@@ -167,9 +167,9 @@ def test_bad_files_end_with_an_error_line(tiny_model_dir, tiny_bert_dir, tmp_pat
 def test_init_with_a_data_free_method_does_not_calibrate(tiny_model_dir, tmp_path, monkeypatch):
     import sys
 
-    from rankwise.jobs import InitJob, run_init
+    from rankwise.cli.jobs import InitJob, run_init
 
-    calibrate_module = sys.modules["rankwise.calibrate"]  # the package exports a function of the same name
+    calibrate_module = sys.modules["rankwise.calib.calibrate"]  # the package exports a function of the same name
 
     def no_calibration(*a, **k):
         raise AssertionError("lora needs no data; calibrate() must not run")

@@ -1,13 +1,13 @@
 """rankwise: adapt and compress pretrained transformers from what they compute on your data."""
 
 from .adapt import adapt_, lora_config
-from .calibrate import calibrate, token_mask
-from .data import load_data
+from .calib.calibrate import calibrate, token_mask
+from .data.sources import load_data
 from .errors import RankwiseError
-from .export import export
+from .export.peft import export
 from .models import load_model
-from .plan import Plan, LayerPlan, plan
-from .stats import LayerStats, Stats
+from .plan.plan import Plan, LayerPlan, plan
+from .calib.stats import LayerStats, Stats
 from .targets import find_targets
 
 __all__ = [

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .plan import Plan
+from .plan.plan import Plan
 
 
 def lora_config(plan: Plan, **extra):

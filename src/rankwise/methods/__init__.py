@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..config import StrictModel
 from ..errors import ConfigError
-from ..stats import LayerStats
+from ..calib.stats import LayerStats
 
 
 class InitConfig(StrictModel):
@@ -58,7 +58,7 @@ def config_options(name: str, **values) -> dict:
 
 
 def get_init(name: str) -> InitMethod:
-    from . import eva, lora  # noqa: F401  (registering happens on import)
+    from ..methods import eva, lora  # noqa: F401  (registering happens on import)
 
     if name not in INITS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(INITS))}")

@@ -6,8 +6,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..stats import LayerStats
-from . import InitConfig, LayerInit, register_init
+from ..calib.stats import LayerStats
+from ..methods import InitConfig, LayerInit, register_init
 
 
 class EvaConfig(InitConfig):

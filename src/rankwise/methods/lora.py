@@ -8,8 +8,8 @@ import zlib
 import torch
 from torch import Tensor
 
-from ..stats import LayerStats
-from . import InitConfig, LayerInit, register_init
+from ..calib.stats import LayerStats
+from ..methods import InitConfig, LayerInit, register_init
 
 
 class LoraInitConfig(InitConfig):

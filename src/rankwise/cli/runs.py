@@ -14,11 +14,11 @@ import torch
 import yaml
 from pydantic import Field
 
-from .atomic import write_text
-from .config import StrictModel
-from .data import DataConfig, Dataset, batchify, load_dataset
-from .errors import ConfigError, RankwiseError
-from .train import TrainConfig
+from ..atomic import write_text
+from ..config import StrictModel
+from ..data.sources import DataConfig, Dataset, batchify, load_dataset
+from ..errors import ConfigError, RankwiseError
+from ..train.loop import TrainConfig
 
 
 class InitSection(StrictModel):
@@ -65,7 +65,7 @@ def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist" if not p.exists() else f"{p} is not a file")
-        from .formats import read_text
+        from ..data.formats import read_text
 
         try:
             raw = yaml.safe_load(read_text(p)) or {}
@@ -128,7 +128,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 def head_modules(model) -> list[str]:
     """Leaf names of task heads to train whole next to the adapter (classification)."""
-    from .targets import _head_names
+    from ..targets import _head_names
 
     return sorted({n.split(".")[-1] for n in _head_names(model) if n})
 
@@ -136,7 +136,7 @@ def head_modules(model) -> list[str]:
 def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
     """Accuracy (classification); perplexity of the held-out text (sliding window over the packed stream),
     or of held-out records on their scored tokens only, each record alone, as training scores them."""
-    from .evaluate import accuracy, perplexity, record_perplexity
+    from ..train.evaluate import accuracy, perplexity, record_perplexity
 
     if cfg.task == "seq-cls":
         return accuracy(model, batchify(ds.examples, tok, cfg.train.batch_size))
@@ -155,14 +155,14 @@ def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
 def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
               log=print) -> dict:
     """Run the full pipeline; returns a summary dict (also written to summary.json)."""
-    from .adapt import adapt_
-    from .calibrate import calibrate
-    from .export import export, export_merged
-    from .methods import config_options, get_init
-    from .models import load_model
-    from .plan import Plan, plan
+    from ..adapt import adapt_
+    from ..calib.calibrate import calibrate
+    from ..export.peft import export, export_merged
+    from ..methods import config_options, get_init
+    from ..models import load_model
+    from ..plan.plan import Plan, plan
     from .report import write_report
-    from .train import train
+    from ..train.loop import train
 
     out, t0 = Path(cfg.out), time.perf_counter()
     _check_sources(cfg)
@@ -215,7 +215,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
 
 def _check_sources(cfg: RunConfig) -> None:
     """Missing files and unknown formats fail before the model is loaded."""
-    from .data import check_source, is_plain_text
+    from ..data.sources import check_source, is_plain_text
 
     for source in filter(None, (cfg.data.train, cfg.data.eval)):
         check_source(source)
@@ -227,9 +227,9 @@ def _label_names(cfg: RunConfig) -> list[str] | None:
         return None
     if cfg.data.labels:
         return list(cfg.data.labels)
-    from .formats import label_set, read_rows
+    from ..data.formats import label_set, read_rows
 
-    from .data import check_source
+    from ..data.sources import check_source
 
     check_source(cfg.data.train)
     names = label_set(read_rows(Path(cfg.data.train)), cfg.data.label_field, cfg.data.train)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import CalibrationError
-from .linalg import centered_scatter, raw_moments, reshift, top_eigh
+from ..errors import CalibrationError
+from ..numerics.linalg import centered_scatter, raw_moments, reshift, top_eigh
 
 
 def _spectrum_of(scatter: Tensor, k: int) -> tuple[Tensor, Tensor, float]:

@@ -7,7 +7,7 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from .plan import Plan
+from ..plan.plan import Plan
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 

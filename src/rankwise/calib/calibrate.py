@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .blocks import BlockRunner, find_blocks
-from .errors import CalibrationError
-from .linalg import GramAccumulator
+from ..errors import CalibrationError
+from ..numerics.linalg import GramAccumulator
 from .stats import LayerStats, Stats
-from .targets import find_targets
+from ..targets import find_targets
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 MODES = ("auto", "blockwise", "whole")
@@ -163,7 +163,8 @@ def calibrate(
             if blocks is None:
                 _run_whole(model, batches, masks, recorder, stats, keep, device, progress)
             else:
-                BlockRunner(model, blocks, names, recorder, stats, keep).run(batches, masks, device, progress)
+                BlockRunner(model, blocks, names, recorder, stats, forward=lambda b: _forward(model, b, device),
+                            done=lambda: finish(recorder, stats, list(recorder.acc), keep)).run(batches, masks, device, progress)
     finally:
         recorder.remove()
         model.train(was_training)
@@ -190,8 +191,14 @@ def _run_whole(model, batches, masks, recorder, stats, keep, device, progress) -
     recorder.active = set(recorder.names)
     for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
         recorder.start_batch(masks[i], i)
-        model(**_model_inputs(batch, device), use_cache=False) if _has_cache(model) else model(**_model_inputs(batch, device))
+        _forward(model, batch, device)
     finish(recorder, stats, list(recorder.acc), keep)
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor], device):
+    """One forward pass on the batch's model inputs (no KV cache: calibration never generates)."""
+    extra = {"use_cache": False} if _has_cache(model) else {}
+    return model(**_model_inputs(batch, device), **extra)
 
 
 def _has_cache(model: nn.Module) -> bool:

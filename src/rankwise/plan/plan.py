@@ -10,12 +10,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .atomic import write_text
+from ..atomic import write_text
 from .budget import ALLOCATIONS, allocate_by_score, allocate_uniform
-from .errors import ConfigError, PlanError
-from .methods import get_init
-from .stats import Stats
-from .targets import find_targets
+from ..errors import ConfigError, PlanError
+from ..methods import get_init
+from ..calib.stats import Stats
+from ..targets import find_targets
 
 
 @dataclass

@@ -55,11 +55,17 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
 
 
 class BlockRunner:
-    """Runs calibration one block at a time, feeding each block's outputs to the next."""
+    """Runs calibration one block at a time, feeding each block's outputs to the next.
 
-    def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, keep):
+    What calibration does with the measurements comes in as arguments (no import back into it):
+    `forward(batch)` runs the whole model on one batch, `done()` moves the recorder's finished
+    statistics into `stats` (merged across ranks, summarized as asked).
+    """
+
+    def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, forward, done):
         self.model, (self.prefix, self.blocks) = model, blocks
-        self.names, self.recorder, self.stats, self.keep = list(names), recorder, stats, keep
+        self.names, self.recorder, self.stats = list(names), recorder, stats
+        self.forward, self.done = forward, done
         n_blocks = len(self.blocks)
         self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
         in_blocks = {n for group in self.inside for n in group}
@@ -67,8 +73,6 @@ class BlockRunner:
 
     def _forward_all(self, batches, masks, device, stand_in) -> None:
         """Full forward passes with every block replaced by stand_in(i, b, args, kwargs)."""
-        from .calibrate import _has_cache, _model_inputs
-
         originals = list(self.blocks)
         current = {"b": 0}
         for i, block in enumerate(originals):
@@ -77,9 +81,8 @@ class BlockRunner:
             for b, batch in enumerate(batches):
                 current["b"] = b
                 self.recorder.start_batch(masks[b], b)
-                extra = {"use_cache": False} if _has_cache(self.model) else {}
                 try:
-                    self.model(**_model_inputs(batch, device), **extra)
+                    self.forward(batch)
                 except _Stop:
                     pass
         finally:
@@ -87,8 +90,6 @@ class BlockRunner:
                 self.blocks[i] = block
 
     def run(self, batches, masks, device, progress: bool) -> None:
-        from .calibrate import finish
-
         n_blocks, last = len(self.blocks), len(self.blocks) - 1
         hidden: list[Tensor | None] = [None] * len(batches)
         calls: list[list] = [[None] * len(batches) for _ in range(n_blocks)]
@@ -107,7 +108,7 @@ class BlockRunner:
         self._forward_all(batches, masks, device, capture)
         if any(c is None for row in calls for c in row):
             raise RuntimeError("blockwise calibration: the model did not call every block; use mode='whole'")
-        finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+        self.done()
 
         final: list = [None] * len(batches)
         bar = tqdm(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
@@ -123,7 +124,7 @@ class BlockRunner:
                     final[b] = out
                 bar.update(1)
             calls[i] = None  # this block's arguments are no longer needed
-            finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+            self.done()
         bar.close()
 
         # Pass 3, only for targets after the blocks (e.g. a pooler): replay the last block's outputs.
@@ -131,7 +132,7 @@ class BlockRunner:
         if tail:
             self.recorder.active = set(tail)
             self._forward_all(batches, masks, device, lambda i, b, a, k: final[b])
-            finish(self.recorder, self.stats, list(self.recorder.acc), self.keep)
+            self.done()
         hidden.clear()  # drop the cached activations before handing GPU memory back
         final.clear()
         if torch.cuda.is_available():

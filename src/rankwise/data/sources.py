@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from .errors import DataError
+from ..errors import DataError
 from .formats import IGNORE, Fields, cls_example, file_kind, label_set, lm_example, read_rows, read_text
 
 SPLITS = ("train", "eval")

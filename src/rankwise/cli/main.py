@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import RankwiseError
+from ..errors import RankwiseError
 
 app = typer.Typer(
     help="rankwise: adapt and compress pretrained transformers from what they compute on your data.\n\n"
@@ -131,7 +131,7 @@ def train(
     """Fine-tune with an adapter: calibrate, initialize (EVA by default), train, evaluate, export, report.
 
     Resume an interrupted run with `rankwise train --out DIR --resume`: it reads DIR/config.yaml."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
     from .runs import load_config, run_train
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
@@ -169,8 +169,8 @@ def eval_cmd(
     """Evaluate a model or base+adapter on a dataset; prints one JSON line of metrics."""
     import json
 
-    from .evaluate_cli import run_eval
-    from .formats import Fields
+    from .evaluate import run_eval
+    from ..data.formats import Fields
 
     fields = Fields.build(where="rankwise eval", text_field=text_field, prompt_field=prompt_field,
                           completion_field=completion_field, messages_field=messages_field, label_field=label_field)
@@ -188,13 +188,13 @@ def export_cmd(
     """Merge an adapter into its base model and save a folder `AutoModel*.from_pretrained` loads.
 
     A classification adapter is merged with its trained head and class names (config id2label)."""
-    from .evaluate_cli import merge_adapter
+    from .evaluate import merge_adapter
 
     console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
 
 
 def main() -> None:
-    from .train import TrainingInterrupted
+    from ..train.loop import TrainingInterrupted
 
     try:
         app()

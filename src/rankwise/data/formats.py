@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from .config import StrictModel
-from .errors import DataError
+from ..config import StrictModel
+from ..errors import DataError
 
 IGNORE = -100
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ConfigError, DataError
-from .formats import Fields
+from ..errors import ConfigError, DataError
+from ..data.formats import Fields
 
 METRICS = ("perplexity", "accuracy", "exact-match")
 
@@ -20,7 +20,7 @@ def _adapter_config(adapter: Path) -> dict:
 
 def adapter_base(adapter: Path) -> str:
     """The base model an adapter folder was made on: rankwise.json's name, else peft's record."""
-    from .export import read_adapter_meta
+    from ..export.peft import read_adapter_meta
 
     base = read_adapter_meta(adapter).get("base_model") or _adapter_config(adapter).get("base_model_name_or_path")
     if not base:
@@ -34,8 +34,8 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
     With an adapter, its rankwise.json decides the task and class names (a classification adapter
     needs its head); every tensor of the adapter file must land in the model, else it is an error.
     """
-    from .export import read_adapter_meta
-    from .models import load_model
+    from ..export.peft import read_adapter_meta
+    from ..models import load_model
 
     if adapter is None:
         return load_model(model, task=task, labels=labels)
@@ -73,8 +73,8 @@ def _check_loaded(model, adapter: Path, task: str) -> None:
 
 def eval_labels(model: str | None, adapter: Path | None, data: str, label_field: str) -> list[str]:
     """Class names for accuracy: the adapter's, else the model config's id2label, else the data's own."""
-    from .export import class_names, read_adapter_meta
-    from .formats import label_set, read_rows
+    from ..export.peft import class_names, read_adapter_meta
+    from ..data.formats import label_set, read_rows
 
     if adapter is not None and read_adapter_meta(adapter).get("labels"):
         return list(read_adapter_meta(adapter)["labels"])
@@ -90,8 +90,8 @@ def eval_labels(model: str | None, adapter: Path | None, data: str, label_field:
 def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, seq_len: int = 256, stride: int = 128,
              limit: int | None = None, fields: Fields | None = None, max_new_tokens: int = 256) -> dict:
     """One metric of model (+ adapter) on `data`; returns {"metric", ...its values}."""
-    from .data import batchify, check_source, is_plain_text, read_examples, read_stream
-    from .evaluate import accuracy, perplexity, record_perplexity
+    from ..data.sources import batchify, check_source, is_plain_text, read_examples, read_stream
+    from ..train.evaluate import accuracy, perplexity, record_perplexity
 
     fields = fields or Fields()
     if metric not in METRICS:
@@ -117,8 +117,8 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
 
 
 def _exact_match(model, tok, data: str, limit: int | None, fields: Fields, max_new_tokens: int) -> dict:
-    from .evaluate import exact_match
-    from .formats import field_text, read_rows
+    from ..train.evaluate import exact_match
+    from ..data.formats import field_text, read_rows
 
     rows = read_rows(Path(data))[:limit]
     if not rows:
@@ -132,7 +132,7 @@ def _exact_match(model, tok, data: str, limit: int | None, fields: Fields, max_n
 
 def merge_adapter(adapter: Path, out: Path, model: str | None = None) -> Path:
     """Load base + adapter (with its task and class names), fold the adapter in, save a transformers folder."""
-    from .export import export_merged
+    from ..export.peft import export_merged
 
     m, tok = load_with_adapter(model, Path(adapter))
     return export_merged(m, tok, out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import StrictModel
+from ..config import StrictModel
 
 
 class InitJob(StrictModel):
@@ -34,12 +34,12 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     """Run the init job; returns {"plan", "out", "seconds": {...}} after writing job.out."""
     import torch
 
-    from .adapt import adapt_
-    from .calibrate import calibrate
-    from .data import load_data
-    from .export import export
-    from .methods import config_options, get_init
-    from .plan import plan
+    from ..adapt import adapt_
+    from ..calib.calibrate import calibrate
+    from ..data.sources import load_data
+    from ..export.peft import export
+    from ..methods import config_options, get_init
+    from ..plan.plan import plan
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
     t0 = time.perf_counter()
@@ -67,7 +67,7 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
 
 
 def load_model_on(name: str, device: str):
-    from .models import load_model
+    from ..models import load_model
 
     model, tok = load_model(name)
     return model.to(device), tok

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import staging_dir
-from .errors import ConfigError
-from .plan import Plan
+from ..atomic import staging_dir
+from ..errors import ConfigError
+from ..plan.plan import Plan
 
 FORMATS = ("peft",)
 META = "rankwise.json"  # beside adapter_config.json: base model, task, class names
@@ -33,7 +33,7 @@ def class_names(config) -> list[str] | None:
 
 def adapter_meta(model) -> dict:
     """What a reader of the adapter folder needs to rebuild its base: model, task, class names."""
-    from .models import describe_base
+    from ..models import describe_base
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     source = getattr(inner, "rankwise_source", None) or getattr(inner.config, "_name_or_path", "")

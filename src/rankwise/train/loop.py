@@ -20,9 +20,9 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from .config import StrictModel
-from .data import Dataset, batchify
-from .errors import RankwiseError
+from ..config import StrictModel
+from ..data.sources import Dataset, batchify
+from ..errors import RankwiseError
 from .evaluate import loss_terms
 
 
@@ -124,7 +124,7 @@ def _schedule(opt, cfg: TrainConfig):
 
 def default_lr(model) -> float:
     """The learning rate of the init method that made this model's adapter (its `default_lr`)."""
-    from .methods import get_init
+    from ..methods import get_init
 
     plan = getattr(model, "rankwise_plan", None)
     if plan is None:
