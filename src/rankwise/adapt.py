@@ -34,7 +34,8 @@ def lora_config(plan: Plan, **extra):
 def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_kwargs):
     """Wrap `model` in peft LoRA layers as the plan says (in place) and set A, B from the plan.
 
-    Layers with rank 0 get no adapter. Returns the PeftModel.
+    Layers with rank 0 get no adapter. A residual layer's base weight becomes W − scale·B·A with the
+    scale peft applies (so the model computes what it did before). Returns the PeftModel.
     """
     from peft import get_peft_model
 
@@ -51,5 +52,9 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
                             f"{tuple(lp.lora_A.shape)}, {tuple(lp.lora_B.shape)}")
         a.copy_(lp.lora_A)
         b.copy_(lp.lora_B)
+        if lp.residual:
+            w = layer.get_base_layer().weight
+            delta = layer.scaling[adapter_name] * (lp.lora_B.double() @ lp.lora_A.double())
+            w.copy_((w.double() - delta.to(w.device)).to(w.dtype))
     peft_model.rankwise_plan = plan
     return peft_model

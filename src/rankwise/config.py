@@ -43,6 +43,8 @@ def _explain(cls: type[BaseModel], err: ValidationError, where: str) -> str:
             near = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{where}: unknown key {key!r}{hint}")
+        elif item["type"] == "value_error":  # our own validators: the message says it all
+            lines.append(f"{where}: {key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{where}: {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

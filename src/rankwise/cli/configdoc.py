@@ -25,15 +25,15 @@ COMMENTS = {
     "data.completion_field": "scored continuation (GSM8K: answer)", "data.messages_field": "chat [{role, content}, …]; assistant turns scored",
     "data.label_field": "class label (seq-cls)",
     "init": "how the adapter starts",
-    "init.method": "eva (data-driven, Paischer et al. 2024) or lora (random A, peft's default)",
+    "init.method": "eva, lora, rslora, pissa, milora, olora, corda (`rankwise methods`); its own keys: `rankwise config show --method NAME`",
     "init.rank": "LoRA rank r; the budget is r × number of target layers",
     "init.alpha": "LoRA alpha at rank r (null = r); scaled with each layer's rank so alpha/rank stays fixed",
     "init.rho": "EVA: a layer may take up to round(r·rho) ranks (1 = uniform)",
     "init.whiten": "EVA: whiten A's rows (peft's semantics)",
     "init.targets": "'all-linear', names/suffixes ('q_proj,v_proj' or a list), or 're:<regex>' on full module names",
-    "init.calib_samples": "EVA: training examples measured for the init",
-    "init.calib_batch_size": "EVA: examples per calibration forward pass",
-    "init.use_label_mask": "EVA: leave prompt tokens (label -100) out of the statistics",
+    "init.calib_samples": "training examples measured for a data-driven init (eva, corda); data-free methods skip calibration",
+    "init.calib_batch_size": "examples per calibration forward pass",
+    "init.use_label_mask": "leave prompt tokens (label -100) out of the statistics",
     "train": "one loop for every method",
     "train.steps": "optimizer steps", "train.batch_size": "examples per micro-batch",
     "train.grad_accum": "micro-batches per optimizer step", "train.lr": "peak learning rate of the adapter; null = the method's default (eva 5e-4, lora 1e-3)",
@@ -48,23 +48,44 @@ COMMENTS = {
 }
 
 
+def method_keys(method: str) -> dict[str, tuple[object, str]]:
+    """{key: (default, description)} of a method's own options (those not already in the init section)."""
+    from ..methods import get_init
+    from .runs import InitSection
+
+    fields = get_init(method).config.model_fields
+    return {k: (f.default, f.description or "") for k, f in fields.items() if k not in InitSection.model_fields}
+
+
+def with_method(cfg, method: str):
+    """cfg with init.method = method and every key of that method shown (its default unless cfg sets it)."""
+    keys = method_keys(method)
+    init = {k: default for k, (default, _) in keys.items()} | cfg.init.model_dump() | {"method": method}
+    allowed = set(type(cfg.init).model_fields) | set(keys)
+    return cfg.model_copy(update={"init": type(cfg.init)(**{k: v for k, v in init.items() if k in allowed})})
+
+
 def commented_yaml(cfg: BaseModel) -> str:
-    """YAML of cfg with `# comment` lines above each key."""
+    """YAML of cfg with `# comment` lines above each key (a method's own keys: their descriptions)."""
     data = json.loads(cfg.model_dump_json())
+    comments = dict(COMMENTS)
+    method = data.get("init", {}).get("method")
+    if method:
+        comments |= {f"init.{k}": f"{method}: {d}" for k, (_, d) in method_keys(method).items() if d}
     lines: list[str] = ["# rankwise run config: `rankwise train --config this.yaml` (flags override keys)"]
-    _emit(data, "", 0, lines)
+    _emit(data, "", 0, lines, comments)
     return "\n".join(lines) + "\n"
 
 
-def _emit(data: dict, prefix: str, indent: int, lines: list[str]) -> None:
+def _emit(data: dict, prefix: str, indent: int, lines: list[str], comments: dict) -> None:
     pad = "  " * indent
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if COMMENTS.get(dotted):
-            lines.append(f"{pad}# {COMMENTS[dotted]}")
+        if comments.get(dotted):
+            lines.append(f"{pad}# {comments[dotted]}")
         if isinstance(value, dict):
             lines.append(f"{pad}{key}:")
-            _emit(value, dotted + ".", indent + 1, lines)
+            _emit(value, dotted + ".", indent + 1, lines, comments)
         else:
             dumped = yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip()
             lines.append(pad + dumped.removeprefix("{").removesuffix("}"))

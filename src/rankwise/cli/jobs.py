@@ -28,6 +28,7 @@ class InitJob(StrictModel):
     device: str = "cpu"
     out: Path = Path("runs/init")
     save_stats: bool = False
+    options: dict = {}  # the method's own keys (e.g. {"niter": 4} for pissa), validated by its config
 
 
 def run_init(job: InitJob, progress: bool = True) -> dict:
@@ -38,7 +39,7 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from ..calib.calibrate import calibrate
     from ..data.sources import load_data
     from ..export.peft import export
-    from ..methods import config_options, get_init
+    from ..methods import config_options, get_init, keep_for
     from ..plan.plan import plan
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
@@ -46,17 +47,15 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     model, tok = load_model_on(job.model, job.device)
     t1 = time.perf_counter()
     stats, tokens = None, 0
-    needs_stats = getattr(impl, "needs_stats", True)
-    if needs_stats or job.save_stats:
+    keep = "full" if job.save_stats else keep_for([job.method], job.rank, job.rho)
+    if keep is not None:  # data-free methods skip calibration entirely
         batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
-        keep = "full" if job.save_stats else max(1, round(job.rank * job.rho))
         torch.manual_seed(0)
         stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     t2 = time.perf_counter()
-    options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten)
-    p = plan(stats if needs_stats else None, model, method=job.method,
-             targets=job.targets, **options)
+    options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten) | job.options
+    p = plan(stats if impl.needs != "none" else None, model, method=job.method, targets=job.targets, **options)
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = export(peft_model, job.out, plan=p)

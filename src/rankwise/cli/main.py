@@ -33,7 +33,7 @@ def _root() -> None:
 def init(
     model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
     data: str = typer.Option("pydoc", help="'pydoc' (Python docs shipped with CPython), .txt (packed), .jsonl/.json (text | prompt+completion | messages), .csv/.tsv."),
-    method: str = typer.Option("eva", help="Adapter initialization method."),
+    method: str = typer.Option("eva", help="Adapter init: eva, lora, rslora, pissa, milora, olora, corda (see `rankwise methods`)."),
     rank: int = typer.Option(8, help="Base LoRA rank r; the budget is r × number of layers."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha for rank r (default: r, i.e. scaling 1); scaled with each layer's rank."),
     rho: float = typer.Option(2.0, help="EVA: each layer may take up to round(r·rho) ranks (1 = no redistribution)."),
@@ -46,15 +46,16 @@ def init(
     device: str = typer.Option("cpu", help="Torch device, e.g. 'cpu' or 'cuda'."),
     out: Path = typer.Option(Path("runs/init"), help="Output folder: peft adapter + plan.json (replaced atomically)."),
     save_stats: bool = typer.Option(False, help="Also write the full calibration statistics (stats.safetensors)."),
+    init_opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --init-opt niter=4; `rankwise config show --method NAME` lists them."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
-    """Calibrate on data, initialize a LoRA adapter (EVA by default), print the per-layer ranks, export it."""
+    """Calibrate on data (if the method needs it), initialize a LoRA adapter (EVA by default), print the per-layer ranks, export it."""
     from .jobs import InitJob, run_init
     from .report import print_plan
 
     job = InitJob.build(where="rankwise init", model=model, data=data, method=method, rank=rank, alpha=alpha, rho=rho,
                         whiten=whiten, targets=targets, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
-                        use_label_mask=use_label_mask, device=device, out=out, save_stats=save_stats)
+                        use_label_mask=use_label_mask, device=device, out=out, save_stats=save_stats, options=_init_opts(init_opt))
     result = run_init(job, progress=not quiet)
     print_plan(result["plan"], console)
     s = result["seconds"]
@@ -69,15 +70,53 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def config_show(config: Optional[Path] = typer.Option(None, help="Resolve this YAML file instead of the defaults.")):
+def config_show(
+    config: Optional[Path] = typer.Option(None, help="Resolve this YAML file instead of the defaults."),
+    method: Optional[str] = typer.Option(None, help="Show this init method's own keys too (see `rankwise methods`)."),
+):
     """Print a complete run config (defaults, or a file resolved against them) as commented YAML.
 
     `rankwise config show > run.yaml`, edit, then `rankwise train --config run.yaml`."""
-    from .configdoc import commented_yaml
+    from .configdoc import commented_yaml, with_method
     from .runs import RunConfig, load_config
 
+    cfg = load_config(config) if config else RunConfig()
+    if method:
+        cfg = with_method(cfg, method)
     # Plain stdout, not rich: YAML must come out byte for byte, whatever the terminal width.
-    sys.stdout.write(commented_yaml(load_config(config) if config else RunConfig()))
+    sys.stdout.write(commented_yaml(cfg))
+
+
+@app.command("methods")
+def methods_cmd():
+    """List the init methods: what each computes, what it must observe, whether it changes the base weight."""
+    from rich.table import Table
+
+    from ..methods import all_methods
+
+    t = Table(title="init methods (`--method NAME`; their own keys: `rankwise config show --method NAME`)")
+    for col in ("method", "observes", "base weight", "default lr", "what it computes"):
+        t.add_column(col, overflow="fold")
+    observes = {"none": "nothing (no calibration)", "spectrum": "top-k input spectrum", "moments": "input XᵀX (full)"}
+    for name, impl in all_methods().items():
+        t.add_row(name, observes[impl.needs], "W ← W − s·B·A" if impl.changes_base else "unchanged",
+                  f"{impl.default_lr:g}", impl.summary)
+    console.print(t)
+
+
+def _init_opts(pairs: list[str] | None) -> dict:
+    """--init-opt key=value (repeatable) → {key: value}, values read as YAML scalars (4, true, null, ipm)."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--init-opt {pair!r}: expected KEY=VALUE, e.g. --init-opt niter=4")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
 
 
 _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_data": "data.eval", "method": "init.method",
@@ -103,7 +142,7 @@ def train(
     task: Optional[str] = typer.Option(None, help="'causal-lm' or 'seq-cls' (classification head trained with the adapter)."),
     data: Optional[str] = typer.Option(None, help="Training data: 'pydoc', .txt, .jsonl (text | prompt+completion | messages), .csv/.tsv."),
     eval_data: Optional[str] = typer.Option(None, help="Held-out data (default: a deterministic 10% of the training data)."),
-    method: Optional[str] = typer.Option(None, help="Adapter init: 'eva' (data-driven) or 'lora' (random, peft's default)."),
+    method: Optional[str] = typer.Option(None, help="Adapter init: eva (default), lora, rslora, pissa, milora, olora, corda; see `rankwise methods`."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank r."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha at rank r (default r)."),
     rho: Optional[float] = typer.Option(None, help="EVA: max rank per layer = round(r·rho)."),
@@ -124,6 +163,7 @@ def train(
     out: Optional[Path] = typer.Option(None, help="Run folder (config.yaml, metrics.jsonl, plan.json, adapter/, merged/, report.md)."),
     device: Optional[str] = typer.Option(None, help="Torch device."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Also write merged/ (adapter folded into the weights)."),
+    init_opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --init-opt niter=4 (sets init.KEY)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint, with the config saved there (other flags must agree with it)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -138,6 +178,7 @@ def train(
     overrides = {_TRAIN_FLAGS[k]: v for k, v in given.items()}
     if "out" in overrides:
         overrides["out"] = str(overrides["out"])
+    overrides |= {f"init.{k}": v for k, v in _init_opts(init_opt).items()}
     if resume and config is None:
         if out is None:
             raise ConfigError("--resume needs --out DIR, the run folder to continue")

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import difflib
+
 import torch
 import yaml
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from ..atomic import write_text
 from ..config import StrictModel
@@ -22,7 +24,13 @@ from ..train.loop import TrainConfig
 
 
 class InitSection(StrictModel):
-    """How the adapter starts: method, rank budget, and the calibration data it measures."""
+    """How the adapter starts: method, rank budget, and the calibration data it measures.
+
+    Any other key belongs to the method and is checked against its own config (`rankwise config show
+    --method NAME` lists them): `init: {method: pissa, niter: 4}`.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     method: str = "eva"
     rank: int = Field(8, ge=1)
@@ -33,6 +41,27 @@ class InitSection(StrictModel):
     calib_samples: int = Field(32, ge=1)
     calib_batch_size: int = Field(4, ge=1)
     use_label_mask: bool = True
+
+    @model_validator(mode="after")
+    def _method_keys(self):
+        extra = dict(self.model_extra or {})
+        if not extra:
+            return self
+        from ..methods import get_init
+
+        impl = get_init(self.method)
+        known = [k for k in impl.config.model_fields if k not in type(self).model_fields]
+        for key in extra:
+            if key not in known:
+                near = difflib.get_close_matches(key, known + list(type(self).model_fields), n=1)
+                hint = f"did you mean {near[0]!r}?" if near else f"{self.method!r} takes: {', '.join(known) or 'no other keys'}"
+                raise ValueError(f"unknown key {key!r} for method {self.method!r}; {hint}")
+        impl.config.build(where=f"init (method {self.method!r})", **extra)  # types and ranges, now
+        return self
+
+    def method_options(self) -> dict:
+        """The method's own keys set in this section."""
+        return dict(self.model_extra or {})
 
 
 class EvalSection(StrictModel):
@@ -158,7 +187,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
     from ..export.peft import export, export_merged
-    from ..methods import config_options, get_init
+    from ..methods import config_options, get_init, keep_for
     from ..models import load_model
     from ..plan.plan import Plan, plan
     from .report import write_report
@@ -182,12 +211,13 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
         f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
         f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
     impl, stats = get_init(cfg.init.method), None
-    if getattr(impl, "needs_stats", True):
+    keep = keep_for([cfg.init.method], cfg.init.rank, cfg.init.rho)
+    if keep is not None:  # data-free methods skip calibration entirely
         calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
-        stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask,
-                          keep=round(cfg.init.rank * cfg.init.rho), progress=progress)
+        stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
+                          progress=progress)
     options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
-                             whiten=cfg.init.whiten, seed=cfg.train.seed)
+                             whiten=cfg.init.whiten, seed=cfg.train.seed) | cfg.init.method_options()
     p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, **options)
     p.save(out / "plan.json")
     extra = {"modules_to_save": head_modules(model)} if cfg.task == "seq-cls" else {}

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ..atomic import staging_dir
 from ..errors import ConfigError
 from ..plan.plan import Plan
@@ -67,11 +69,42 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = meta["base_model_id"]
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        (tmp / META).write_text(json.dumps(meta, indent=2))
         plan = plan or getattr(model, "rankwise_plan", None)
+        if plan is not None and any(lp.residual for lp in plan.active().values()):
+            meta["converted"] = to_original_base(tmp, plan)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
         if plan is not None:
             plan.save(tmp / "plan.json")
     return out
+
+
+def to_original_base(folder: Path, plan: Plan) -> str:
+    """Rewrite a saved adapter whose base was replaced by W_res = W − s·B₀A₀ as a plain LoRA on W itself.
+
+    W_res + s·B·A − W = s·(B·A − B₀·A₀) = s·[B, −B₀]·[A; A₀]: rank 2r, with alpha doubled (α/r kept) or
+    ×√2 under rsLoRA (α/√r kept), as peft's path_initial_model_for_weight_conversion does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights_path = folder / "adapter_model.safetensors"
+    cfg_path = folder / "adapter_config.json"
+    tensors, cfg = load_file(str(weights_path)), json.loads(cfg_path.read_text())
+    factor = 2**0.5 if cfg.get("use_rslora") else 2.0
+    ranks, alphas = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
+    for name, lp in plan.active().items():
+        if not lp.residual:
+            continue
+        key = f"base_model.model.{name}"
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        tensors[f"{key}.lora_A.weight"] = torch.cat([a, lp.lora_A.to(a.dtype)], 0).contiguous()
+        tensors[f"{key}.lora_B.weight"] = torch.cat([b, -lp.lora_B.to(b.dtype)], 1).contiguous()
+        ranks[name] = 2 * lp.rank
+        alphas[name] = factor * lp.alpha
+    cfg["rank_pattern"], cfg["alpha_pattern"] = ranks, alphas
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return (f"{plan.method} replaced base weights by residuals; this adapter is the rank-2r LoRA that gives the "
+            "same model on the original, unmodified base")
 
 
 def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -1,41 +1,63 @@
-"""Registry of adapter initialization methods: one file per method, registered by name."""
+"""Registry of adapter initialization methods: one file per method, registered by name.
+
+A method declares what it must observe (`needs`), may replace the base weight by a residual
+(`LayerInit.residual`: W ← W − scale·B·A, applied by `adapt_` for every method alike), and owns a
+pydantic config whose fields (with their descriptions) reach YAML, the CLI (`--init-opt key=value`) and
+`rankwise config show --method NAME` without any other file knowing them.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import pkgutil
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
+from pydantic import Field
 from torch import Tensor
 
+from ..calib.stats import LayerStats
 from ..config import StrictModel
 from ..errors import ConfigError
-from ..calib.stats import LayerStats
+
+# What a method must observe, from least to most: nothing; the top-k centred input spectrum
+# (calibrate(keep=k)); the full second moments XᵀX and Σx (calibrate(keep="full")).
+NEEDS = ("none", "spectrum", "moments")
 
 
 class InitConfig(StrictModel):
     """Options every init method shares."""
 
-    rank: int = 8
-    alpha: float | None = None  # None: alpha = rank (scaling alpha/rank = 1)
-    allocation: str = "uniform"
+    rank: int = Field(8, description="LoRA rank r; the budget is r × number of target layers")
+    alpha: float | None = Field(None, description="LoRA alpha at rank r (null = r, i.e. scaling 1)")
+    allocation: str = Field("uniform", description="rank allocation across layers: uniform or explained-variance")
+    rslora: bool = Field(False, description="scale the adapter by alpha/√r instead of alpha/r (Kalajdzievski 2023)")
 
 
 @dataclass
 class LayerInit:
-    """Initial adapter weights of one layer: A [r, in], B [out, r]."""
+    """Initial adapter weights of one layer: A [r, in], B [out, r]; residual: the base becomes W − scale·B·A."""
 
     A: Tensor
     B: Tensor
+    residual: bool = False
+    note: str = ""  # recorded in the plan (e.g. "covariance dampened by 2% of its mean diagonal")
 
 
 class InitMethod(Protocol):
     config: type[InitConfig]
+    needs: Literal["none", "spectrum", "moments"]
+    summary: str  # one line: paper, what it computes
+    changes_base: bool
+    default_lr: float
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
         """Scores [m ≤ cap], descending, for the allocation to rank across layers."""
 
-    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: InitConfig, name: str = "") -> LayerInit:
-        """Initial A and B for a layer given its rank."""
+    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: InitConfig, name: str = "",
+             scale: float = 1.0) -> LayerInit:
+        """Initial A and B for a layer given its rank; `scale` is what peft multiplies B·A by."""
 
 
 INITS: dict[str, InitMethod] = {}
@@ -51,15 +73,43 @@ def register_init(name: str):
     return wrap
 
 
+def _load_all() -> None:
+    """Import every module of this package: each registers itself (a new method is one new file)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_init(name: str) -> InitMethod:
+    _load_all()
+    if name not in INITS:
+        near = difflib.get_close_matches(name, list(INITS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Available: {', '.join(sorted(INITS))}")
+    return INITS[name]
+
+
+def all_methods() -> dict[str, InitMethod]:
+    _load_all()
+    return dict(sorted(INITS.items()))
+
+
 def config_options(name: str, **values) -> dict:
     """The subset of `values` that method `name`'s config accepts (shared CLI/run options → one method)."""
     fields = get_init(name).config.model_fields
     return {k: v for k, v in values.items() if k in fields}
 
 
-def get_init(name: str) -> InitMethod:
-    from ..methods import eva, lora  # noqa: F401  (registering happens on import)
+def keep_for(methods: list[str], rank: int, rho: float = 1.0) -> str | int | None:
+    """What one calibration must keep so that every method in `methods` can be planned from it:
+    None (no calibration at all), k (top-k eigenpairs per module) or "full" (XᵀX, Σx)."""
+    needs = {get_init(m).needs for m in methods}
+    if "moments" in needs:
+        return "full"
+    if "spectrum" in needs:
+        return max(1, round(rank * rho))
+    return None
 
-    if name not in INITS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(INITS))}")
-    return INITS[name]
+
+def scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """What peft multiplies B·A by: alpha/r, or alpha/√r with rsLoRA."""
+    return alpha / rank**0.5 if rslora else alpha / rank

@@ -13,10 +13,10 @@ from ..methods import InitConfig, LayerInit, register_init
 class EvaConfig(InitConfig):
     """EVA options; semantics follow peft's EvaConfig."""
 
-    rho: float = Field(2.0, ge=1.0)  # each layer offers round(rank·rho) candidate components
-    whiten: bool = False  # scale A's rows like peft: divide by sqrt of the data's singular values
-    adjust_scaling: bool = True  # alpha follows rank so alpha/rank stays as configured
-    allocation: str = "explained-variance"
+    rho: float = Field(2.0, ge=1.0, description="each layer offers round(rank·rho) candidate components (1 = uniform)")
+    whiten: bool = Field(False, description="scale A's rows like peft: divide by sqrt of the data's singular values")
+    adjust_scaling: bool = Field(True, description="alpha follows each layer's rank so alpha/rank stays as configured")
+    allocation: str = Field("explained-variance", description="uniform, or explained-variance (EVA's redistribution)")
 
 
 @register_init("eva")
@@ -29,6 +29,9 @@ class Eva:
     """
 
     config = EvaConfig
+    needs = "spectrum"
+    summary = "EVA (Paischer et al. 2024): A = top principal directions of the layer's inputs, B = 0; ranks by explained variance"
+    changes_base = False
     # EVA's A passes 55–85× more of the inputs' energy than a Kaiming-initialized A (‖AX‖²/‖X‖² measured
     # on MiniLM/SST-2 and SmolLM2/GSM8K, benchmarks/convergence.py), so one Adam step moves the output
     # further: its best learning rate was 3× lower than random LoRA's on SST-2, equal on GSM8K.
@@ -38,7 +41,7 @@ class Eva:
         vals, _, trace = stats.spectrum(cap)
         return (vals / trace).float() if trace > 0 else torch.zeros_like(vals, dtype=torch.float32)
 
-    def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: EvaConfig, name: str = "") -> LayerInit:
+    def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: EvaConfig, name: str = "", scale: float = 1.0) -> LayerInit:
         vals, vecs, _ = stats.spectrum(rank)
         a = vecs[:rank].clone()
         if cfg.whiten:

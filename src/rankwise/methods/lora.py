@@ -6,6 +6,7 @@ import math
 import zlib
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from ..calib.stats import LayerStats
@@ -15,8 +16,7 @@ from ..methods import InitConfig, LayerInit, register_init
 class LoraInitConfig(InitConfig):
     """Options of the random init; `seed` makes A reproducible per layer."""
 
-    seed: int = 0
-    rslora: bool = False  # scale alpha/sqrt(rank) instead of alpha/rank (Kalajdzievski 2023)
+    seed: int = Field(0, description="seed of A (each layer draws from seed and its name)")
 
 
 @register_init("lora")
@@ -24,13 +24,16 @@ class RandomLora:
     """A ~ U(-b, b) with b = 1/sqrt(in_features) (kaiming_uniform_ with a = sqrt(5), as nn.Linear and peft)."""
 
     config = LoraInitConfig
-    needs_stats = False
+    needs = "none"
+    summary = "LoRA (Hu et al. 2021; peft's default): A Kaiming-uniform, B = 0"
+    changes_base = False
     default_lr = 1e-3  # best or tied-best in both learning-rate sweeps of benchmarks/convergence.py
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: LoraInitConfig, cap: int) -> Tensor:
         return torch.zeros(0)
 
-    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: LoraInitConfig, name: str = "") -> LayerInit:
+    def init(self, stats: LayerStats | None, weight: Tensor, rank: int, cfg: LoraInitConfig, name: str = "",
+             scale: float = 1.0) -> LayerInit:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + _stable_hash(name))
         a = torch.empty(rank, weight.shape[1])
         bound = 1 / math.sqrt(weight.shape[1])
@@ -40,3 +43,16 @@ class RandomLora:
 
 def _stable_hash(name: str) -> int:
     return zlib.crc32(name.encode())
+
+
+class RsLoraConfig(LoraInitConfig):
+    rslora: bool = Field(True, description="scale the adapter by alpha/√r (rsLoRA's point; false = plain LoRA)")
+
+
+@register_init("rslora")
+class RsLora(RandomLora):
+    """rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): LoRA's init with scaling γ_r = α/√r instead of α/r."""
+
+    config = RsLoraConfig
+    summary = "rsLoRA (Kalajdzievski 2023): LoRA's init, scaling alpha/√r so that larger ranks keep learning"
+    default_lr = 1e-3  # like LoRA at r = alpha; not tuned separately yet

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..atomic import write_text
 from .budget import ALLOCATIONS, allocate_by_score, allocate_uniform
 from ..errors import ConfigError, PlanError
-from ..methods import get_init
+from ..methods import get_init, scaling
 from ..calib.stats import Stats
 from ..targets import find_targets
 
@@ -27,6 +27,8 @@ class LayerPlan:
     in_features: int
     out_features: int
     explained_variance: list[float] = field(default_factory=list)
+    residual: bool = False  # the base weight becomes W − scale·B·A (PiSSA, OLoRA, MiLoRA, CorDA)
+    note: str = ""
     lora_A: Tensor | None = field(default=None, repr=False)
     lora_B: Tensor | None = field(default=None, repr=False)
 
@@ -83,9 +85,12 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     impl = get_init(method)
     cfg = impl.config.build(where=f"method {method!r}", **options)
     if stats is None:
-        if getattr(impl, "needs_stats", True):
+        if impl.needs != "none":
             raise PlanError(f"method {method!r} initializes from data: run calibrate() first and pass its Stats")
         stats = Stats(order=find_targets(model, targets))
+    elif impl.needs == "moments" and any(stats.layers[k].m2 is None for k in stats.layers):
+        raise PlanError(f"method {method!r} needs the full input moments: calibrate with keep='full' "
+                        "(rankwise.methods.keep_for([...]) says what a set of methods needs)")
     if cfg.allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation {cfg.allocation!r} is not one of {ALLOCATIONS}")
     if cfg.rank < 1:
@@ -114,8 +119,9 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
         a = alpha * r / cfg.rank if getattr(cfg, "adjust_scaling", True) else alpha
         lp = LayerPlan(r, float(a), weights[n].shape[1], weights[n].shape[0], [float(v) for v in scores[n][:r]])
         if r > 0:
-            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n)
+            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora))
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
+            lp.residual, lp.note = li.residual, li.note
         layers[n] = lp
     resolved = cfg.model_dump() | {"alpha": alpha}
     return Plan(method, resolved, layers)

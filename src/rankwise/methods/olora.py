@@ -1,0 +1,31 @@
+"""OLoRA (Büyükakyüz 2024, arXiv:2406.01775): orthonormal B from a QR decomposition of W."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import InitConfig, LayerInit, register_init
+
+
+class OloraConfig(InitConfig):
+    pass
+
+
+@register_init("olora")
+class Olora:
+    """W = QR; B = Q[:, :r] (orthonormal columns), A = R[:r], W ← W − s·B·A (Sec. 3; as peft's olora_init,
+    which also leaves s in the residual rather than dividing it out of A)."""
+
+    config = OloraConfig
+    needs = "none"
+    summary = "OLoRA (Büyükakyüz 2024): B, A from the QR decomposition of W (first r columns / rows); W ← W − s·B·A"
+    changes_base = True
+    default_lr = 5e-4  # not tuned yet
+
+    def candidates(self, stats, weight: Tensor, cfg: OloraConfig, cap: int) -> Tensor:
+        return torch.zeros(0)
+
+    def init(self, stats, weight: Tensor, rank: int, cfg: OloraConfig, name: str = "", scale: float = 1.0) -> LayerInit:
+        q, r = torch.linalg.qr(weight.double())
+        return LayerInit(r[:rank].to(weight.dtype), q[:, :rank].to(weight.dtype), residual=True)
