@@ -271,7 +271,7 @@ def test_cli_method_options_and_listing(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "did you mean 'niter'" in r.stderr
 
 
-@pytest.mark.parametrize("method", ["pissa", "corda"])
+@pytest.mark.parametrize("method", METHODS)
 def test_run_folder_and_rankwise_export_load_on_the_original_base(tiny_model_dir, tmp_path, method):
     from rankwise.cli.runs import load_config, run_train
     from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ COMMENTS = {
     "data.completion_field": "scored continuation (GSM8K: answer)", "data.messages_field": "chat [{role, content}, …]; assistant turns scored",
     "data.label_field": "class label (seq-cls)",
     "init": "how the adapter starts",
-    "init.method": "eva, lora, rslora, pissa, milora, olora, corda (`rankwise methods`); its own keys: `rankwise config show --method NAME`",
+    "init.method": "eva (data-driven, Paischer et al. 2024); `rankwise methods` lists every method, `rankwise config show --method NAME` its own keys",
     "init.rank": "LoRA rank r; the budget is r × number of target layers",
     "init.alpha": "LoRA alpha at rank r (null = r); scaled with each layer's rank so alpha/rank stays fixed",
     "init.rho": "EVA: a layer may take up to round(r·rho) ranks (1 = uniform)",

@@ -33,7 +33,7 @@ def _root() -> None:
 def init(
     model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
     data: str = typer.Option("pydoc", help="'pydoc' (Python docs shipped with CPython), .txt (packed), .jsonl/.json (text | prompt+completion | messages), .csv/.tsv."),
-    method: str = typer.Option("eva", help="Adapter init: eva, lora, rslora, pissa, milora, olora, corda (see `rankwise methods`)."),
+    method: str = typer.Option("eva", help="Adapter init method (default eva); `rankwise methods` lists them all."),
     rank: int = typer.Option(8, help="Base LoRA rank r; the budget is r × number of layers."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha for rank r (default: r, i.e. scaling 1); scaled with each layer's rank."),
     rho: float = typer.Option(2.0, help="EVA: each layer may take up to round(r·rho) ranks (1 = no redistribution)."),
@@ -142,7 +142,7 @@ def train(
     task: Optional[str] = typer.Option(None, help="'causal-lm' or 'seq-cls' (classification head trained with the adapter)."),
     data: Optional[str] = typer.Option(None, help="Training data: 'pydoc', .txt, .jsonl (text | prompt+completion | messages), .csv/.tsv."),
     eval_data: Optional[str] = typer.Option(None, help="Held-out data (default: a deterministic 10% of the training data)."),
-    method: Optional[str] = typer.Option(None, help="Adapter init: eva (default), lora, rslora, pissa, milora, olora, corda; see `rankwise methods`."),
+    method: Optional[str] = typer.Option(None, help="Adapter init method (default eva); `rankwise methods` lists them all."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank r."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha at rank r (default r)."),
     rho: Optional[float] = typer.Option(None, help="EVA: max rank per layer = round(r·rho)."),

@@ -33,13 +33,17 @@ class Corda:
     summary = "CorDA (Yang et al. 2024): SVD of W·C (C: input covariance), mapped back by C⁻¹; ipm/kpm; W ← W − s·B·A"
     changes_base = True
     default_lr = 5e-4  # not tuned yet
+    _last = None
 
     def candidates(self, stats, weight: Tensor, cfg: CordaConfig, cap: int) -> Tensor:
         return torch.zeros(0)
 
     def init(self, stats: LayerStats, weight: Tensor, rank: int, cfg: CordaConfig, name: str = "", scale: float = 1.0) -> LayerInit:
-        cov = stats.xtx / max(stats.n, 1)
-        fixed, inv, damp = dampened_inverse(cov)
+        # q/k/v (gate/up) share one input and come one after another: invert their C once. One entry only,
+        # so memory stays at one layer's d×d pair (caching all of them would be ~1.6 GB on SmolLM2).
+        if self._last is None or self._last[0] is not stats:
+            self._last = (stats, dampened_inverse(stats.xtx / max(stats.n, 1)))
+        fixed, inv, damp = self._last[1]
         u, s, vh = torch.linalg.svd(weight.double() @ fixed, full_matrices=False)
         sl = slice(0, rank) if cfg.mode == "ipm" else slice(s.shape[0] - rank, s.shape[0])
         a, b = split_factors(u[:, sl], s[sl], vh[sl] @ inv, scale)

@@ -44,15 +44,3 @@ class RandomLora:
 def _stable_hash(name: str) -> int:
     return zlib.crc32(name.encode())
 
-
-class RsLoraConfig(LoraInitConfig):
-    rslora: bool = Field(True, description="scale the adapter by alpha/√r (rsLoRA's point; false = plain LoRA)")
-
-
-@register_init("rslora")
-class RsLora(RandomLora):
-    """rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): LoRA's init with scaling γ_r = α/√r instead of α/r."""
-
-    config = RsLoraConfig
-    summary = "rsLoRA (Kalajdzievski 2023): LoRA's init, scaling alpha/√r so that larger ranks keep learning"
-    default_lr = 1e-3  # like LoRA at r = alpha; not tuned separately yet
