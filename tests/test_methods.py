@@ -299,3 +299,19 @@ def test_every_method_is_documented_and_complete():
     for name, impl in all_methods().items():
         assert impl.summary and impl.needs in ("none", "spectrum", "moments") and impl.default_lr > 0, name
         assert get_init(name) is impl
+
+
+@pytest.mark.parametrize("method", sorted(all_methods()))
+def test_config_show_method_round_trips(method, tmp_path):
+    """`config show --method NAME` for every method: valid YAML, each own key commented, loads back as is."""
+    import yaml
+
+    from rankwise.cli.configdoc import commented_yaml, method_keys, with_method
+    from rankwise.cli.runs import RunConfig, load_config
+
+    text = commented_yaml(with_method(RunConfig(), method))
+    (tmp_path / "run.yaml").write_text(text)
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.init.method == method and yaml.safe_load(text)["init"]["method"] == method
+    for key, (default, description) in method_keys(method).items():
+        assert f"# {method}: {description}" in text and cfg.init.model_dump()[key] == default
