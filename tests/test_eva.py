@@ -44,13 +44,7 @@ def test_eva_components_are_top_principal_directions(llama):
     stats = rw.calibrate(llama, batches, progress=False)
     p = rw.plan(stats, llama, method="eva", rank=4, rho=1.0)
     name = "model.layers.1.mlp.down_proj"
-    rows = []
-    h = llama.get_submodule(name).register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().double()))
-    with torch.no_grad():
-        for b in batches:
-            llama(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    h.remove()
-    x = torch.cat([r[rw.token_mask(b)] for r, b in zip(rows, batches)])
+    x = _inputs_of(llama, name, batches)
     xc = x - x.mean(0)
     _, s, vh = torch.linalg.svd(xc, full_matrices=False)
     assert subspace_cos2(p.layers[name].lora_A, vh[:4]) >= 1 - 1e-6
