@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -28,10 +29,8 @@ class Pissa:
     default_lr = 5e-4  # not tuned yet (the benchmark issue sweeps every method's LR)
     which = "top"
 
-    def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: PissaConfig, cap: int):
-        import torch
-
-        return torch.zeros(0)
+    def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: PissaConfig, cap: int) -> Tensor:
+        return torch.zeros(0)  # no data-driven scores: ranks are uniform
 
     def init(self, stats, weight: Tensor, rank: int, cfg: PissaConfig, name: str = "", scale: float = 1.0) -> LayerInit:
         niter, seed = getattr(cfg, "niter", None), getattr(cfg, "seed", 0)
