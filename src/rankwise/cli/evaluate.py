@@ -41,7 +41,7 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
         return load_model(model, task=task, labels=labels)
     _adapter_config(adapter)
     meta = read_adapter_meta(adapter)
-    task = meta.get("task", task if task != "auto" else "auto")
+    task = meta.get("task", task)
     labels = meta.get("labels") or labels
     base, tok = load_model(model or adapter_base(adapter), task=task, labels=labels if task == "seq-cls" else None)
     from peft import PeftModel
@@ -76,8 +76,8 @@ def eval_labels(model: str | None, adapter: Path | None, data: str, label_field:
     from ..export.peft import class_names, read_adapter_meta
     from ..data.formats import label_set, read_rows
 
-    if adapter is not None and read_adapter_meta(adapter).get("labels"):
-        return list(read_adapter_meta(adapter)["labels"])
+    if adapter is not None and (names := read_adapter_meta(adapter).get("labels")):
+        return list(names)
     if model is not None and (Path(model) / "config.json").exists():
         from transformers import AutoConfig
 

@@ -187,14 +187,15 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
     from ..export.peft import export, export_merged
-    from ..methods import config_options, get_init, keep_for
+    from ..methods import config_options, keep_for
     from ..models import load_model
     from ..plan.plan import Plan, plan
     from .report import write_report
-    from ..train.loop import train
+    from ..train.loop import default_lr, train
 
     out, t0 = Path(cfg.out), time.perf_counter()
     _check_sources(cfg)
+    keep = keep_for([cfg.init.method], cfg.init.rank, cfg.init.rho)  # (an unknown method fails here, before loading)
     labels = _label_names(cfg)
     if labels:
         cfg.data.labels = labels  # recorded in config.yaml: the run's classes, in index order
@@ -210,8 +211,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
         f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
         f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
-    impl, stats = get_init(cfg.init.method), None
-    keep = keep_for([cfg.init.method], cfg.init.rank, cfg.init.rho)
+    stats = None
     if keep is not None:  # data-free methods skip calibration entirely
         calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
         stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
@@ -227,7 +227,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     log(f"held-out before training: {_fmt(before)}")
     hint = f"rankwise train --out {out} --resume"
     if cfg.train.lr is None:
-        cfg.train.lr = getattr(impl, "default_lr", 5e-4)
+        cfg.train.lr = default_lr(model)  # the same default train() would pick, recorded for the report
     result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
     after = held_out_metrics(model, tok, eval_ds, cfg)
     log(f"held-out after {result.step} steps: {_fmt(after)}")
