@@ -40,8 +40,14 @@ def _worker(rank, world, init_file, out_dir, mode):
         if rank == 0:
             stats.save(os.path.join(out_dir, "merged.safetensors"))
             big.save(os.path.join(out_dir, "big.safetensors"))
-    finally:
+        dist.barrier()  # rank 0's files are written before either rank leaves
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without gloo's teardown: about one run in 15 a child aborted at exit ("terminate called without
+    # an active exception", SIGABRT), on this code and on the code before it alike; the test's results
+    # are on disk by now, so nothing is lost by skipping it.
+    os._exit(0)
 
 
 def _rel(a, b):
