@@ -85,7 +85,7 @@ def promised(argv: list[str], cwd: Path, stdout: str) -> None:
     out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
     wanted = {"train": ["config.yaml", "report.md", "metrics.jsonl", "adapter/adapter_config.json", "adapter/rankwise.json"],
               "init": ["adapter_config.json", "adapter_model.safetensors", "plan.json", "rankwise.json"],
-              "export": ["config.json", "model.safetensors"]}.get(sub, [])
+              "export": ["config.json", "model.safetensors"], "quantize": ["report.md", "report.json", "errors.png"]}.get(sub, [])
     for name in wanted:
         assert (cwd / out / name).exists(), f"{' '.join(argv)}: no {out}/{name}"
     if sub == "eval":

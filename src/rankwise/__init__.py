@@ -4,14 +4,16 @@ from .adapt import adapt_, lora_config
 from .calib.calibrate import calibrate, token_mask
 from .data.sources import load_data
 from .errors import RankwiseError
+from .export import export_model
 from .export.peft import export
 from .models import load_model
 from .plan.plan import Plan, LayerPlan, plan
+from .quant import dequantize_, quantize, quantize_
 from .calib.stats import LayerStats, Stats
 from .targets import find_targets
 
 __all__ = [
-    "adapt_", "calibrate", "export", "find_targets", "load_data", "load_model", "lora_config", "plan",
+    "adapt_", "calibrate", "dequantize_", "export", "export_model", "find_targets", "quantize", "quantize_", "load_data", "load_model", "lora_config", "plan",
     "token_mask", "LayerPlan", "LayerStats", "Plan", "RankwiseError", "Stats",
 ]
 __version__ = "0.1.0"

@@ -27,3 +27,7 @@ class PlanError(RankwiseError):
 
 class ConfigError(RankwiseError):
     """A configuration key or value is invalid."""
+
+
+class QuantError(RankwiseError):
+    """A model or layer cannot be quantized as asked."""

@@ -60,12 +60,21 @@ class BlockRunner:
     What calibration does with the measurements comes in as arguments (no import back into it):
     `forward(batch)` runs the whole model on one batch, `done()` moves the recorder's finished
     statistics into `stats` (merged across ranks, summarized as asked).
+
+    With a per-block `step(names, stats)` (DESIGN.md, extension point 3) each block runs twice: once to
+    measure its targets' inputs, then, after step has transformed those targets (quantized them, say),
+    once more to compute the inputs of the next block from what the transformed block computes.
+    `true_sequential` measures and steps the targets in the order their inputs are produced (q/k/v,
+    then o_proj, …; modules reading one tensor together), one block pass per group, so later layers
+    see earlier layers' transformed outputs.
     """
 
-    def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, forward, done):
+    def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, forward, done,
+                 step=None, true_sequential: bool = False):
         self.model, (self.prefix, self.blocks) = model, blocks
         self.names, self.recorder, self.stats = list(names), recorder, stats
         self.forward, self.done = forward, done
+        self.step, self.true_sequential = step, true_sequential
         n_blocks = len(self.blocks)
         self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
         in_blocks = {n for group in self.inside for n in group}
@@ -89,6 +98,29 @@ class BlockRunner:
             for i, block in enumerate(originals):
                 self.blocks[i] = block
 
+    def _phases(self, block: nn.Module, hidden: Tensor, call: tuple, names: list[str]) -> list[list[str]]:
+        """The block's targets in groups to measure and step: one group, or (true_sequential) one per
+        distinct input tensor, in the order the block computes them (found on the first batch)."""
+        if not self.true_sequential:
+            return [list(names)]
+        modules = dict(self.model.named_modules())
+        order: list[tuple[Tensor, str]] = []  # holds the inputs, so no two can share an address
+        handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append((a[0], n))) for n in names]
+        try:
+            block(hidden, *call[0], **call[1])
+        finally:
+            for h in handles:
+                h.remove()
+        groups: dict[int, list[str]] = {}
+        seen: set[str] = set()
+        for x, n in order:
+            if n not in seen:
+                seen.add(n)
+                groups.setdefault(id(x), []).append(n)
+        order.clear()
+        left = [n for n in names if n not in seen]  # not called on the first batch
+        return list(groups.values()) + ([left] if left else [])
+
     def run(self, batches, masks, device, progress: bool) -> None:
         n_blocks, last = len(self.blocks), len(self.blocks) - 1
         hidden: list[Tensor | None] = [None] * len(batches)
@@ -109,12 +141,26 @@ class BlockRunner:
         if any(c is None for row in calls for c in row):
             raise RuntimeError("blockwise calibration: the model did not call every block; use mode='whole'")
         self.done()
+        if self.step is not None and self.recorder.active:
+            before = [n for n in self.outside if n in self.stats.layers or n in self.recorder.aliases]
+            if before:  # targets ahead of the blocks; the blocks' cached inputs were computed before the step
+                self.step(before, self.stats)
 
         final: list = [None] * len(batches)
         bar = tqdm(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
         for i, block in enumerate(self.blocks):
             bar.set_description(f"calibrate block {i + 1}/{n_blocks}")
-            self.recorder.active = set(self.inside[i])
+            if self.step is not None:
+                for group in self._phases(block, hidden[0], calls[i][0], self.inside[i]):
+                    self.recorder.active = set(group)
+                    for b in range(len(batches)):
+                        self.recorder.start_batch(masks[b], b)
+                        block(hidden[b], *calls[i][b][0], **calls[i][b][1])
+                    self.done()
+                    self.step(group, self.stats)
+                self.recorder.active = set()
+            else:
+                self.recorder.active = set(self.inside[i])
             for b in range(len(batches)):
                 self.recorder.start_batch(masks[b], b)
                 rest, kw = calls[i][b]
@@ -124,7 +170,8 @@ class BlockRunner:
                     final[b] = out
                 bar.update(1)
             calls[i] = None  # this block's arguments are no longer needed
-            self.done()
+            if self.step is None:
+                self.done()
         bar.close()
 
         # Pass 3, only for targets after the blocks (e.g. a pooler): replay the last block's outputs.
@@ -133,6 +180,8 @@ class BlockRunner:
             self.recorder.active = set(tail)
             self._forward_all(batches, masks, device, lambda i, b, a, k: final[b])
             self.done()
+            if self.step is not None:
+                self.step(tail, self.stats)
         hidden.clear()  # drop the cached activations before handing GPU memory back
         final.clear()
         if torch.cuda.is_available():

@@ -17,6 +17,7 @@ from ..targets import find_targets
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 MODES = ("auto", "blockwise", "whole")
+OBSERVERS = ("moments", "abs")  # n, Σx, XᵀX (always); Σ|x| per channel (AWQ)
 
 
 def token_mask(batch: dict[str, Tensor], use_label_mask: bool = True) -> Tensor:
@@ -52,9 +53,13 @@ class Recorder:
     an input alive (holding them all kept ~400 MB for 4×256 tokens on SmolLM2 in whole-model mode).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str], observe: Sequence[str] = ("moments",)):
+        unknown = set(observe) - set(OBSERVERS)
+        if unknown:
+            raise CalibrationError(f"unknown observers {sorted(unknown)}; known: {OBSERVERS}")
         self.names = list(names)
         self.acc: dict[str, GramAccumulator] = {}
+        self.abs_acc: dict[str, Tensor] | None = {} if "abs" in observe else None
         self.aliases: dict[str, str] = {}
         self.active: set[str] = set()
         self.mask: Tensor | None = None
@@ -98,6 +103,9 @@ class Recorder:
         self._seen[key] = (weakref.ref(x), name)  # weak: see the class docstring
         rows = _select_rows(x, self.mask.to(x.device), self._all_selected)
         # NaN/inf anywhere in the rows makes their float64 sum non-finite: a [d] check, not [n, d].
+        if self.abs_acc is not None:
+            total = rows.abs().sum(0, dtype=torch.float64)
+            self.abs_acc[name] = total if name not in self.abs_acc else self.abs_acc[name] + total
         if not torch.isfinite(self.acc[name].update(rows)).all():
             raise CalibrationError(
                 f"non-finite activations (NaN or inf) at the input of {name} in batch {self.batch_index}; "
@@ -109,7 +117,8 @@ class Recorder:
         out = {}
         for n in names:
             acc = self.acc.pop(n)
-            out[n] = LayerStats(acc.n, acc.shift, acc.sum_shifted, acc.m2)
+            abs_sum = None if self.abs_acc is None else self.abs_acc.pop(n, torch.zeros_like(acc.shift))
+            out[n] = LayerStats(acc.n, acc.shift, acc.sum_shifted, acc.m2, abs_sum=abs_sum)
         return out
 
 
@@ -138,6 +147,9 @@ def calibrate(
     use_label_mask: bool = True,
     keep: str | int = "full",
     progress: bool = True,
+    observe: Sequence[str] = ("moments",),
+    step=None,
+    true_sequential: bool = False,
 ) -> Stats:
     """Measure n, Σx and XᵀX of every target's inputs over `batches` (no weight is touched).
 
@@ -145,6 +157,12 @@ def calibrate(
     one block, its statistics, the cache); "whole" hooks a full forward; "auto" picks blockwise
     when the model has a stack of blocks. keep: "full" keeps XᵀX (mergeable, savable); an int k
     keeps only the top-k centred eigenpairs per module, dropped to that size block by block.
+    observe: what to measure beside the moments ("abs": Σ|x| per channel, for AWQ).
+
+    step(names, stats): called once the statistics of these target modules are final (`stats[name]`; modules
+    reading one tensor come together); it may transform them, e.g. quantize. Blockwise, each block is
+    then run again, so the next block's inputs are what the transformed block computes (true_sequential:
+    the same within a block, see BlockRunner). In whole-model mode step sees every target at the end.
     """
     if mode not in MODES:
         raise CalibrationError(f"mode {mode!r} is not one of {MODES}")
@@ -154,17 +172,21 @@ def calibrate(
     blocks = find_blocks(model, names) if mode != "whole" else None
     if mode == "blockwise" and blocks is None:
         raise CalibrationError("blockwise mode needs a model with a stack of blocks (nn.ModuleList) holding the targets")
-    recorder = Recorder(model, names)
+    recorder = Recorder(model, names, observe)
     stats = Stats(order=names)
+    stats.aliases = recorder.aliases  # live while calibrating, so a step can look groups up; copied at the end
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if blocks is None:
                 _run_whole(model, batches, masks, recorder, stats, keep, device, progress)
+                if step is not None:
+                    step(list(names), stats)
             else:
                 BlockRunner(model, blocks, names, recorder, stats, forward=lambda b: _forward(model, b, device),
-                            done=lambda: finish(recorder, stats, list(recorder.acc), keep)).run(batches, masks, device, progress)
+                            done=lambda: finish(recorder, stats, list(recorder.acc), keep),
+                            step=step, true_sequential=true_sequential).run(batches, masks, device, progress)
     finally:
         recorder.remove()
         model.train(was_training)

@@ -43,6 +43,7 @@ class LayerStats:
     eigvals: Tensor | None = None  # [k] descending, of Σ(x-μ)(x-μ)ᵀ
     eigvecs: Tensor | None = None  # [k, d]
     trace: float | None = None  # trace of Σ(x-μ)(x-μ)ᵀ
+    abs_sum: Tensor | None = None  # Σ|x| [d] float64, kept when calibration observes "abs" (AWQ)
     _spectrum: tuple | None = field(default=None, repr=False, compare=False)  # largest top-k computed so far
 
     @classmethod
@@ -66,6 +67,13 @@ class LayerStats:
         if self.m2 is None:
             return None
         return raw_moments(self.n, self.sum_shifted, self.m2, self.shift)[1]
+
+    @property
+    def abs_mean(self) -> Tensor:
+        """mean |x| per channel [d] float64 (AWQ's activation magnitude)."""
+        if self.abs_sum is None:
+            raise CalibrationError("these statistics hold no per-channel |x| (calibrate with observe=('moments', 'abs'))")
+        return self.abs_sum / max(self.n, 1)
 
     @property
     def mean(self) -> Tensor:
@@ -118,7 +126,8 @@ class LayerStats:
             s, m = other.sum_shifted, other.m2.clone()
         else:
             s, m = reshift(other.n, other.sum_shifted, other.m2, other.shift, self.shift)
-        return LayerStats(self.n + other.n, self.shift.clone(), self.sum_shifted + s, m.add_(self.m2))
+        abs_sum = None if self.abs_sum is None or other.abs_sum is None else self.abs_sum + other.abs_sum
+        return LayerStats(self.n + other.n, self.shift.clone(), self.sum_shifted + s, m.add_(self.m2), abs_sum=abs_sum)
 
 
 @dataclass
@@ -168,15 +177,16 @@ class Stats:
             common = head[1:] / total if total > 0 else st.shift.clone()
             dist.broadcast(common, src=0)
             st.reshift_(common)
-            for t in (st.sum_shifted, st.m2):
-                dist.all_reduce(t)
+            for t in (st.sum_shifted, st.m2, st.abs_sum):
+                if t is not None:
+                    dist.all_reduce(t)
             st.n, st._spectrum = int(total), None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically: temp name, then rename)."""
         tensors = {}
         for name, st in self.layers.items():
-            for key in ("shift", "sum_shifted", "m2", "eigvals", "eigvecs"):
+            for key in ("shift", "sum_shifted", "m2", "eigvals", "eigvecs", "abs_sum"):
                 if getattr(st, key) is not None:
                     tensors[f"{name}::{key}"] = getattr(st, key).contiguous()
         meta = {
@@ -208,7 +218,8 @@ class Stats:
         tensors = load_file(str(path))
         layers = {}
         for name, n in meta["n"].items():
-            kw = dict(eigvals=tensors.get(f"{name}::eigvals"), eigvecs=tensors.get(f"{name}::eigvecs"), trace=meta["trace"][name])
+            kw = dict(eigvals=tensors.get(f"{name}::eigvals"), eigvecs=tensors.get(f"{name}::eigvecs"), trace=meta["trace"][name],
+                      abs_sum=tensors.get(f"{name}::abs_sum"))
             if f"{name}::shift" in tensors:
                 layers[name] = LayerStats(n, tensors[f"{name}::shift"], tensors[f"{name}::sum_shifted"], tensors.get(f"{name}::m2"), **kw)
             else:

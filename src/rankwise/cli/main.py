@@ -65,6 +65,61 @@ def init(
     console.print(f"adapter written to [bold]{result['out']}[/bold] (load with peft.PeftModel.from_pretrained(base, '{result['out']}'))")
 
 
+@app.command()
+def quantize(
+    model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
+    data: str = typer.Option("pydoc", help="Calibration data: 'pydoc', .txt, .jsonl/.json, .csv/.tsv (rtn needs none)."),
+    method: str = typer.Option("gptq", help="rtn (data-free), gptq or awq; `rankwise quantizers` lists them."),
+    bits: int = typer.Option(4, help="Bits per weight code, 2–8."),
+    group_size: Optional[int] = typer.Option(32, help="Input columns per scale; 0 = one scale per output channel. Must divide every layer's input width."),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Symmetric grid, or asymmetric with a zero point per group."),
+    targets: str = typer.Option("all-linear", help="'all-linear' (not the output head), comma-separated names, or 're:<regex>'."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration sequence (and perplexity window)."),
+    n_samples: int = typer.Option(32, help="Number of calibration sequences."),
+    batch_size: int = typer.Option(4, help="Sequences per forward pass."),
+    format: str = typer.Option("safetensors", help="Output: 'safetensors' (dequantized transformers folder), 'compressed-tensors' (packed ints; transformers/vLLM load it) or 'gguf' (llama.cpp; Llama models)."),
+    eval_data: str = typer.Option("pydoc", help="Plain text for held-out perplexity before/after ('pydoc': its held-out paragraphs)."),
+    eval_tokens: int = typer.Option(2048, help="Tokens of held-out perplexity (0: skip)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    out: Path = typer.Option(Path("runs/quantize"), help="Output folder: model (or model.gguf), report.md, report.json, errors.png."),
+    opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --opt act_order=true; `rankwise quantizers` lists them."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Quantize a model's linear layers from one block-by-block calibration pass, export, report.
+
+    Each block is calibrated on what the already-quantized blocks before it compute (GPTQ's
+    sequential pipeline). Example: rankwise quantize --method gptq --bits 4 --format gguf --out runs/q4"""
+    from .quantize import QuantJob, run_quantize
+
+    job = QuantJob.build(where="rankwise quantize", model=model, data=data, method=method, bits=bits,
+                         group_size=group_size or None, symmetric=symmetric, targets=targets, seq_len=seq_len,
+                         n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
+                         eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"))
+    s = run_quantize(job, progress=not quiet, log=console.print)
+    ppl = s["perplexity"]
+    if ppl["before"] is not None:
+        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f} ({eval_tokens} tokens)")
+    console.print(f"{len(s['layers'])} layers quantized in {s['seconds']['quantize']:.1f} s on {s['tokens']} tokens; "
+                  f"written to [bold]{s['written']}[/bold]; report: {out / 'report.md'}")
+
+
+@app.command("quantizers")
+def quantizers_cmd():
+    """List the quantization methods, what each observes, and their own options (for --opt)."""
+    from rich.table import Table
+
+    from ..quant import QuantConfig, all_quantizers
+
+    t = Table(title="quantizers (`rankwise quantize --method NAME`; own options: --opt KEY=VALUE)")
+    for col in ("method", "observes", "own options (default)", "what it computes"):
+        t.add_column(col, overflow="fold")
+    shared = set(QuantConfig.model_fields)
+    for name, q in all_quantizers().items():
+        own = [f"{k}={f.default!r}: {f.description}" for k, f in q.config.model_fields.items() if k not in shared]
+        t.add_row(name, ", ".join(q.observe) or "nothing (data-free)", "\n".join(own) or "-", q.summary)
+    console.print(t)
+
+
 config_app = typer.Typer(help="Show run configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -104,7 +159,7 @@ def methods_cmd():
     console.print(t)
 
 
-def _init_opts(pairs: list[str] | None) -> dict:
+def _init_opts(pairs: list[str] | None, flag: str = "--init-opt") -> dict:
     """--init-opt key=value (repeatable) → {key: value}, values read as YAML scalars (4, true, null, ipm)."""
     import yaml
 
@@ -114,7 +169,7 @@ def _init_opts(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--init-opt {pair!r}: expected KEY=VALUE, e.g. --init-opt niter=4")
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} niter=4")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return out
 

@@ -1,5 +1,66 @@
-"""Write only: what the ecosystem loads (peft adapter folders, merged transformers folders)."""
+"""Write only: what the ecosystem loads. Adapters: peft folders; models: a registry of formats.
 
+`export_model(model, out, format)` writes a (possibly quantized) model as `safetensors` (a plain
+transformers folder, quantized layers dequantized), `compressed-tensors` or `gguf` (one file).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
 from .peft import export, export_merged, read_adapter_meta
 
-__all__ = ["export", "export_merged", "read_adapter_meta"]
+FORMATS: dict[str, callable] = {}
+
+
+def register_format(name: str):
+    def wrap(fn):
+        FORMATS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_format("safetensors")
+def export_dense(model, out: str | os.PathLike, tokenizer=None, **_) -> Path:
+    """A plain transformers folder: every quantized layer replaced by its float weight."""
+    from ..atomic import staging_dir
+    from ..quant.linear import dequantize_
+
+    out = Path(out)
+    plain = dequantize_(copy.deepcopy(model))
+    with staging_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+@register_format("compressed-tensors")
+def _compressed_tensors(model, out, tokenizer=None, **_) -> Path:
+    from .compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(model, out, tokenizer)
+
+
+@register_format("gguf")
+def _gguf(model, out, tokenizer=None, qtype: str = "auto", **_) -> Path:
+    from .gguf import write_gguf
+
+    out = Path(out)
+    path = out if out.suffix == ".gguf" else out / "model.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_gguf(model, path, qtype=qtype, tokenizer=tokenizer)
+
+
+def export_model(model, out: str | os.PathLike, format: str = "safetensors", tokenizer=None, **options) -> Path:
+    """Write `model` to `out` in `format` (see FORMATS); returns the folder or file written."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; available: {', '.join(FORMATS)}")
+    return FORMATS[format](model, out, tokenizer=tokenizer, **options)
+
+
+__all__ = ["FORMATS", "export", "export_dense", "export_merged", "export_model", "read_adapter_meta", "register_format"]

@@ -1,0 +1,116 @@
+"""`rankwise quantize`: load, calibrate + quantize block by block, evaluate, export, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import StrictModel
+
+FORMAT_PATHS = {"safetensors": "model", "compressed-tensors": "model", "gguf": "model.gguf"}
+
+
+class QuantJob(StrictModel):
+    model: str = "smollm2"
+    data: str = "pydoc"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = 32
+    symmetric: bool = True
+    targets: str = "all-linear"
+    seq_len: int = Field(256, ge=2)
+    n_samples: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+    format: Literal["safetensors", "compressed-tensors", "gguf"] = "safetensors"
+    eval_data: str = "pydoc"
+    eval_tokens: int = Field(2048, ge=0)
+    device: str = "cpu"
+    out: Path = Path("runs/quantize")
+    options: dict = {}  # the method's own keys, validated by its config
+
+
+def _held_out_ppl(model, tok, job: QuantJob) -> float | None:
+    from ..data.sources import read_stream
+    from ..train.evaluate import perplexity
+
+    if job.eval_tokens == 0:
+        return None
+    stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens]
+    return perplexity(model, stream, window=job.seq_len, stride=job.seq_len // 2)["perplexity"]
+
+
+def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
+    """Run the job; writes job.out/{model…, report.json, report.md, errors.png}; returns the summary."""
+    from ..data.sources import check_source, load_data
+    from ..export import export_model
+    from ..quant import get_quantizer, quantize
+    from .jobs import load_model_on
+
+    quantizer = get_quantizer(job.method)  # unknown method / bad options fail before the model loads
+    options = dict(bits=job.bits, group_size=job.group_size, symmetric=job.symmetric, targets=job.targets) | job.options
+    if job.method == "awq" and job.format != "safetensors" and "explicit_scales" not in job.options:
+        options["explicit_scales"] = False  # those formats cannot hold an explicit input scale
+        log(f"awq: explicit_scales=false ({job.format} cannot store a per-channel input scale)")
+    quantizer.config.build(where=f"rankwise quantize --method {job.method}", **options)
+    check_source(job.data)
+    t0 = time.perf_counter()
+    model, tok = load_model_on(job.model, job.device)
+    batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
+        if quantizer.observe else None
+    t1 = time.perf_counter()
+    before = _held_out_ppl(model, tok, job)
+    t2 = time.perf_counter()
+    report = quantize(model, batches, job.method, progress=progress, **options)
+    t3 = time.perf_counter()
+    after = _held_out_ppl(model, tok, job)
+    t4 = time.perf_counter()
+    written = export_model(model, job.out / FORMAT_PATHS[job.format], job.format, tokenizer=tok)
+    seconds = {"load": t1 - t0, "quantize": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
+    summary = {**report.to_dict(), "job": json.loads(job.model_dump_json()), "written": str(written),
+               "seconds": seconds, "perplexity": {"before": before, "after": after}}
+    (job.out / "report.json").write_text(json.dumps(summary, indent=1))
+    write_quant_report(job.out, summary)
+    return summary
+
+
+def _plot_errors(out: Path, layers: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.semilogy(range(len(names)), [max(layers[n]["error"], 1e-12) for n in names], ".", ms=4)
+    ax.set_xlabel("layer (model order)"), ax.set_ylabel("relative output error")
+    ax.set_title("per-layer error of the quantized weights on the calibration inputs", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=110)
+    plt.close(fig)
+    return "errors.png"
+
+
+def write_quant_report(out: Path, s: dict) -> None:
+    """report.md: what was done, held-out perplexity before/after, the worst layers, a per-layer plot."""
+    job, layers, ppl = s["job"], s["layers"], s["perplexity"]
+    cfg = s["config"]
+    mean_bits = sum(r["bits"] for r in layers.values()) / max(len(layers), 1)
+    lines = [f"# rankwise quantize: {s['method']} on {job['model']}", "",
+             f"{cfg['bits']}-bit, group {cfg['group_size'] or 'per channel'}, "
+             f"{'symmetric' if cfg['symmetric'] else 'asymmetric'}; {len(layers)} layers, {mean_bits:.2f} bits per "
+             f"weight with scales; calibrated on {s['tokens']} tokens of `{job['data']}`; quantized in "
+             f"{s['seconds']['quantize']:.1f} s. Written: `{Path(s['written']).name}` ({job['format']}).", ""]
+    if ppl["before"] is not None:
+        lines += ["| held-out perplexity | before | after |", "|---|---:|---:|",
+                  f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |", ""]
+    worst = sorted(layers.items(), key=lambda kv: -kv[1]["error"])[:8]
+    lines += ["| layer | error | bits | seconds | note |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {r['error']:.3g} ({r['error_kind']}) | {r['bits']:.2f} | {r['seconds']:.2f} | {r['note']} |"
+              for n, r in worst]
+    lines += ["", f"![errors]({_plot_errors(out, layers)})", "", "All layers: `report.json`."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

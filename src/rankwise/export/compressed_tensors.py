@@ -1,0 +1,83 @@
+"""compressed-tensors checkpoints (`pack-quantized`; `int-quantized` for asymmetric grids) of a rankwise-quantized model.
+
+transformers loads them with plain `from_pretrained` (and vLLM serves them). Our grid maps onto
+compressed-tensors' int grid one to one: its code is q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1] and its
+zero point z − 2^(b−1) (0 when symmetric), with the same scales, so the saved integers are ours: the
+library re-derives them as round(W/s + z′) from the exact weight (q − z)·s and our own scales.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import staging_dir
+from ..errors import QuantError
+from ..quant.linear import QuantLinear, dequantize_, quantized_layers
+
+
+def _scheme_key(q: QuantLinear) -> tuple:
+    return (q.grid.bits, q.grid.group_size, q.grid.symmetric)
+
+
+def _quantization_config(layers: dict[str, QuantLinear]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups: dict[tuple, list[str]] = {}
+    for name, q in layers.items():
+        groups.setdefault(_scheme_key(q), []).append(name)
+    config_groups = {}
+    for i, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="channel" if group_size is None else "group", group_size=group_size)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args)
+    return QuantizationConfig(config_groups=config_groups, format=_format(layers))
+
+
+def _format(layers: dict[str, QuantLinear]) -> str:
+    """pack-quantized (int32 words of codes); int-quantized (one int8 per code) when a grid is asymmetric:
+    compressed-tensors 0.20 packs zero points too, and transformers 5.23 then refuses their shape on
+    load (a [rows/8, groups] tensor where it registered [rows, groups])."""
+    return "pack-quantized" if all(q.grid.symmetric for q in layers.values()) else "int-quantized"
+
+
+def _check_exportable(layers: dict[str, QuantLinear]) -> None:
+    if not layers:
+        raise QuantError("the model holds no quantized layer (rankwise.quantize first, or export the float model as 'merged')")
+    scaled = [n for n, q in layers.items() if q.input_scale is not None]
+    if scaled:
+        raise QuantError(f"{scaled[0]} (and {len(scaled) - 1} more) keep an explicit AWQ input scale, which "
+                         "compressed-tensors cannot store; quantize with awq explicit_scales=false, or export 'merged'")
+
+
+@torch.no_grad()
+def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` (with QuantLinear layers) as a compressed-tensors pack-quantized folder; returns it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+
+    layers = quantized_layers(model)
+    _check_exportable(layers)
+    plain = dequantize_(copy.deepcopy(model))  # exact weights (q − z)·s as nn.Linear
+    qconfig = _quantization_config(layers)
+    apply_quantization_config(plain, qconfig)
+    for name, q in layers.items():
+        mod = plain.get_submodule(name)
+        half = 2 ** (q.grid.bits - 1)
+        mod.weight_scale.data = q.scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
+        zp = (q.zero.to(torch.int32) - half).reshape(mod.weight_zero_point.shape)
+        mod.weight_zero_point.data = zp.to(mod.weight_zero_point.dtype)
+        mod.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=qconfig.format)
+    compressor.compress_model(plain)
+    out = Path(out_dir)
+    with staging_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        compressor.update_config(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out

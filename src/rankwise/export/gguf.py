@@ -1,0 +1,311 @@
+"""GGUF export of Llama-architecture models, in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
+
+Tensor types. A QuantLinear whose grid is a ggml block format is written as those blocks from our own
+codes and scales, never re-quantized: symmetric 4-bit group 32 → Q4_0 (d = s, q stored as is),
+asymmetric 4-bit group 32 → Q4_1 (d = s, m = −s·z), symmetric 8-bit group 32 → Q8_0 (d = s, q − 128).
+Any other QuantLinear (other bits or group size, an AWQ `input_scale`, a scale that float16 cannot hold)
+is dequantized and re-quantized to `qtype`, with a warning naming it. Plain linears are quantized to
+`qtype` with gguf's reference quantizers ("auto": F16). Norms and biases are F32. The token embedding
+(and an untied output head) is F32/F16 for those qtypes and for "auto" F16, but Q8_0 for q8_0/q4_0/q4_1:
+llama.cpp's own quantizer also keeps the embedding and head at 6-8 bits when the layers get 4.
+A tensor whose rows are not a multiple of 32 cannot be blocked and is written F16 (with a warning).
+
+Tokenizer metadata: copied (every `tokenizer.*` key) from `source_gguf`, or from the GGUF the model was
+loaded from (models.load_model records it); else a GPT-2-style BPE vocab built from a transformers fast
+tokenizer; else `tokenizer.ggml.model = "none"`, which llama.cpp loads (no text tokenization then).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType, TokenType
+from torch import nn
+
+from ..errors import RankwiseError
+from ..quant.linear import QuantLinear
+
+QTYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
+FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}
+# (bits, symmetric) of a group-32 grid → the ggml block type that holds its codes and scales as they are
+BLOCKS = {(4, True): T.Q4_0, (4, False): T.Q4_1, (8, True): T.Q8_0}
+BLOCK = 32
+
+
+def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", tokenizer=None,
+               source_gguf: str | os.PathLike | None = None) -> Path:
+    """Write a LlamaForCausalLM (some linears possibly QuantLinear) as one GGUF file at `path`; return it.
+
+    qtype: "auto" (QuantLinears as their blocks, the rest F16), "f32", "f16", "q8_0", "q4_0" or "q4_1" (the
+    type of every plain linear). Tokenizer metadata: source_gguf's, else that of the GGUF the model was
+    loaded from, else built from `tokenizer`, else none (see the module docstring).
+    """
+    config = _check(model, qtype)
+    plain = T.F16 if qtype == "auto" else QTYPES[qtype]
+    path = Path(path)
+    tensors = list(_tensors(model, config, plain))
+    source = source_gguf if source_gguf is not None else _recorded_gguf(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _write_hparams(writer, config, _file_type(tensors, plain))
+        _write_tokenizer(writer, config, tokenizer, source)
+        for name, data, ttype in tensors:
+            writer.add_tensor(name, data, raw_dtype=ttype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check(model: nn.Module, qtype: str):
+    """The model's config, or a RankwiseError saying why this model or qtype cannot be written."""
+    if qtype != "auto" and qtype not in QTYPES:
+        raise RankwiseError(f"unknown GGUF qtype {qtype!r}; valid ones: {', '.join(['auto', *QTYPES])}")
+    config = getattr(model, "config", None)
+    arch = getattr(config, "model_type", None)
+    if arch != "llama":
+        raise RankwiseError(f"GGUF export supports Llama-architecture models (model_type 'llama'), not "
+                            f"{arch!r} ({type(model).__name__})")
+    if model.get_output_embeddings() is None:
+        raise RankwiseError(f"GGUF export needs a causal LM with its output head (LlamaForCausalLM), "
+                            f"not {type(model).__name__}")
+    if config.hidden_act != "silu":
+        raise RankwiseError(f"llama.cpp's llama architecture computes SiLU MLPs; this config has hidden_act {config.hidden_act!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise RankwiseError(f"GGUF export handles plain RoPE only; this config has rope_type {rope['rope_type']!r}")
+    return config
+
+
+def _recorded_gguf(model: nn.Module) -> Path | None:
+    """The GGUF file load_model read this model from (its `rankwise_source`), if any."""
+    from ..models import EMBEDDED, embedded_path
+
+    src = getattr(model, "rankwise_source", None)
+    if src in EMBEDDED:
+        return embedded_path(src) if EMBEDDED[src][1].endswith(".gguf") else None
+    return Path(src) if src and str(src).endswith(".gguf") and Path(src).is_file() else None
+
+
+def _tensors(model: nn.Module, config, plain: T):
+    """(GGUF name, numpy data, ggml type) for every tensor, in module order; the tied output left out."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == embed.weight.data_ptr()
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    for name, module in model.named_modules():
+        if not _has_state(module):
+            continue
+        gname = names.get_name(name)
+        if gname is None:
+            raise RankwiseError(f"module {name!r} ({type(module).__name__}) has no place in llama.cpp's llama "
+                                f"layout; merge adapters into the base weights before exporting to GGUF")
+        if gname == "output" and tied:
+            continue  # llama.cpp reuses token_embd as the head when output.weight is absent
+        yield from _module_tensors(module, f"{name} ({gname})", gname, heads.get(gname.rpartition(".")[2]), plain)
+
+
+def _has_state(module: nn.Module) -> bool:
+    """Whether the module itself (not its children) holds parameters or persistent buffers."""
+    if any(True for _ in module.parameters(recurse=False)):
+        return True
+    return any(b is not None and n not in module._non_persistent_buffers_set for n, b in module._buffers.items())
+
+
+def _module_tensors(module: nn.Module, where: str, gname: str, heads: int | None, plain: T):
+    """The tensors of one module: its weight in the chosen type, its bias F32 (rows permuted for q/k)."""
+    if isinstance(module, QuantLinear):
+        data, ttype = _quant_weight(module, where, heads, plain)
+    elif isinstance(module, nn.Embedding) or gname == "output":
+        big = {T.F32: T.F32, T.F16: T.F16}.get(plain, T.Q8_0)
+        data, ttype = _float_tensor(module.weight, big, where)
+    elif module.weight.ndim == 2:
+        data, ttype = _float_tensor(_permute(module.weight, heads), plain, where)
+    else:
+        data, ttype = _float_tensor(module.weight, T.F32, where)
+    yield f"{gname}.weight", data, ttype
+    if getattr(module, "bias", None) is not None:
+        yield f"{gname}.bias", _float_tensor(_permute(module.bias, heads), T.F32, where)[0], T.F32
+
+
+def _permute(t: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """Rows of q/k (any trailing shape) from HF's rotary layout to llama.cpp's, as its converter does.
+
+    HF rotates the two halves of each head (row i with i + d/2); llama.cpp's llama rope rotates adjacent
+    pairs (2i, 2i+1). Per head, the rows [h0 | h1] become interleaved h0[0], h1[0], h0[1], h1[1], ...
+    """
+    if heads is None:
+        return t
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def _float_tensor(w: torch.Tensor, ttype: T, name: str) -> tuple[np.ndarray, T]:
+    """A float tensor [rows, in] (or 1-D) as ttype with gguf's reference quantizers."""
+    w = w.detach().float().cpu().numpy()
+    if ttype not in (T.F32, T.F16) and w.shape[-1] % BLOCK:
+        warnings.warn(f"{name}: rows of {w.shape[-1]} values are not whole blocks of {BLOCK}; written F16", stacklevel=4)
+        ttype = T.F16
+    return gguf.quants.quantize(w, ttype), ttype
+
+
+def _quant_weight(layer: QuantLinear, name: str, heads: int | None, plain: T) -> tuple[np.ndarray, T]:
+    """A QuantLinear's weight: its own codes and scales as ggml blocks, or re-quantized (with a warning)."""
+    btype, why = _block_type(layer)
+    if btype is None:
+        warnings.warn(f"{name}: {why}, so it is dequantized and re-quantized to {plain.name} (not bit-exact)",
+                      stacklevel=4)
+        return _float_tensor(_permute(layer.weight, heads), plain, name)
+    codes, scale, zero = (_permute(t, heads) for t in (layer.codes, layer.scale, layer.zero))
+    return _blocks(codes, scale, zero, btype), btype
+
+
+def _block_type(layer: QuantLinear) -> tuple[T | None, str]:
+    """The ggml block type that holds this layer's grid exactly, or (None, why not)."""
+    g = layer.grid
+    btype = BLOCKS.get((g.bits, g.symmetric)) if g.group_size == BLOCK else None
+    if btype is None:
+        return None, f"its grid ({g.bits} bits, group {g.group_size}, symmetric={g.symmetric}) is no GGUF block type"
+    if layer.input_scale is not None:
+        return None, "it has a per-channel input_scale that GGUF blocks cannot hold"
+    s, z = layer.scale.float(), layer.zero.float()
+    if not torch.equal(s.half().float(), s):
+        return None, "its scales are not float16-exact"
+    if g.symmetric and not bool((z == 2 ** (g.bits - 1)).all()):
+        return None, "its zero points are not the symmetric 2^(b-1)"
+    if not g.symmetric and not torch.equal((s * z).half().float(), s * z):
+        return None, "its offsets s·z are not float16-exact"
+    return btype, ""
+
+
+def _blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, btype: T) -> np.ndarray:
+    """Raw ggml blocks [rows, blocks·bytes] uint8 from codes [rows, in], s, z [rows, in/32] (ggml-common.h).
+
+    Q4_0: fp16 d, 16 bytes of nibbles (byte j: element j low, j + 16 high). Q4_1: fp16 d, fp16 m, nibbles.
+    Q8_0: fp16 d, 32 int8 values.
+    """
+    rows, n_in = codes.shape
+    c = codes.cpu().numpy().reshape(rows, n_in // BLOCK, BLOCK)
+    s = scale.float().cpu().numpy()
+    parts = [s.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)]
+    if btype == T.Q8_0:
+        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if btype == T.Q4_1:
+            m = -(s * zero.float().cpu().numpy())
+            parts.append(m.astype(np.float16).view(np.uint8).reshape(rows, -1, 2))
+        parts.append(c[..., : BLOCK // 2] | (c[..., BLOCK // 2:] << 4))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))
+
+
+def _file_type(tensors: list, plain: T) -> LlamaFileType:
+    """general.file_type: the type holding most elements among the layers' 2-D weights."""
+    count: dict[T, int] = {}
+    for name, data, ttype in tensors:
+        if name.startswith("blk.") and data.ndim == 2:
+            count[ttype] = count.get(ttype, 0) + data.size
+    return FILE_TYPES[max(count, key=count.get) if count else plain]
+
+
+def _write_hparams(w: gguf.GGUFWriter, config, file_type: LlamaFileType) -> None:
+    """The llama.* hyperparameters llama.cpp (and transformers' GGUF loader) read."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    w.add_name(str(getattr(config, "_name_or_path", "") or "rankwise export"))
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    if head_dim != config.hidden_size // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(w: gguf.GGUFWriter, config, tokenizer, source: Path | None) -> None:
+    """tokenizer.* keys: copied from a GGUF, built from a transformers tokenizer, or model "none"."""
+    if source is not None:
+        _copy_tokenizer(w, Path(source), config.vocab_size)
+    elif tokenizer is not None:
+        _bpe_tokenizer(w, tokenizer, config.vocab_size)
+    else:
+        w.add_tokenizer_model("none")
+
+
+def _copy_tokenizer(w: gguf.GGUFWriter, source: Path, n_vocab: int) -> None:
+    """Every tokenizer.* key of the GGUF file `source`, with its value types (strings as raw bytes)."""
+    fields = {k: f for k, f in gguf.GGUFReader(str(source)).fields.items() if k.startswith("tokenizer.")}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != n_vocab:
+        raise RankwiseError(f"{source} has {len(tokens.data)} tokens but the model's vocab_size is {n_vocab}; "
+                            f"give the GGUF this model came from as source_gguf")
+    for key, f in fields.items():
+        kind, sub = f.types[0], (f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+        if sub == gguf.GGUFValueType.STRING:
+            value = [bytes(f.parts[i]) for i in f.data]
+        elif kind == gguf.GGUFValueType.STRING:
+            value = bytes(f.parts[f.data[0]])
+        else:
+            value = f.contents()
+        w.add_key_value(key, value, kind, sub_type=sub)
+
+
+def _bpe_tokenizer(w: gguf.GGUFWriter, tok, n_vocab: int) -> None:
+    """A GPT-2-style (byte-level BPE) vocab from a transformers fast tokenizer: tokens, types, merges, ids."""
+    full = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
+    spec = full.get("model") or {}
+    if spec.get("type") != "BPE" or spec.get("byte_fallback"):
+        raise RankwiseError(f"{type(tok).__name__} is not a byte-level BPE tokenizer (tokenizer.json model "
+                            f"{spec.get('type')!r}); pass source_gguf= a GGUF file that has this tokenizer")
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise RankwiseError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {n_vocab}")
+    tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [TokenType.UNUSED] * n_vocab
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, TokenType.NORMAL
+    for i, added in tok.added_tokens_decoder.items():
+        types[i] = TokenType.CONTROL if added.special else TokenType.USER_DEFINED
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(full.get("pre_tokenizer") or {}))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    for kind in ("bos", "eos", "unk", "pad"):
+        if (i := getattr(tok, f"{kind}_token_id", None)) is not None:
+            getattr(w, f"add_{kind}_token_id")(i)
+    bos = tok.bos_token_id
+    w.add_add_bos_token(bos is not None and tok.encode("a")[:1] == [bos])
+    if isinstance(getattr(tok, "chat_template", None), str):
+        w.add_chat_template(tok.chat_template)
+
+
+def _pre_tokenizer(pre: dict) -> str:
+    """tokenizer.ggml.pre: "gpt-2" for GPT-2's byte-level regex; else "default", with a warning."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    warnings.warn(f"llama.cpp has no name for this pre-tokenizer ({pre.get('type')}); the GGUF says 'default', so "
+                  f"llama.cpp may split text differently (token ids you give it are unaffected). Pass source_gguf= "
+                  f"a GGUF with this tokenizer to copy its exact metadata", stacklevel=4)
+    return "default"

@@ -1,0 +1,95 @@
+"""Quantizers: one file per method, registered by name; `quantize` / `quantize_` apply them in place.
+
+A quantizer declares what it must observe (`observe`: () for data-free RTN, ("moments",) for GPTQ's
+Hessian XᵀX, ("moments", "abs") for AWQ's mean |x|), owns a pydantic config, and turns a group of
+linears that read one input into QuantLinear modules. The block-sequential driver (apply.py) calls it
+block by block, so later blocks are calibrated on what the quantized earlier blocks compute.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from typing import Protocol
+
+from pydantic import Field, field_validator
+
+from ..config import StrictModel
+from ..errors import ConfigError
+from ..numerics.quantize import MAX_BITS, MIN_BITS, Grid
+
+
+class QuantConfig(StrictModel):
+    """Options every quantizer shares."""
+
+    bits: int = Field(4, description=f"bits per weight code, {MIN_BITS}–{MAX_BITS}")
+    group_size: int | None = Field(32, description="input columns per scale (null = one scale per output channel); "
+                                                   "32 matches GGUF's blocks")
+    symmetric: bool = Field(True, description="symmetric grid (zero point fixed at 2^(bits-1)) or asymmetric (one per group)")
+    targets: str = Field("all-linear", description="layers to quantize: all-linear (not the output head), names, or re:<regex>")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not MIN_BITS <= v <= MAX_BITS:
+            raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, not {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"group_size must be positive or null (per channel), not {v}")
+        return v
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.symmetric)
+
+
+class Quantizer(Protocol):
+    config: type[QuantConfig]
+    observe: tuple[str, ...]  # () = data-free
+    summary: str
+
+    def quantize_groups(self, ctx, groups: list[list[str]], cfg: QuantConfig) -> None:
+        """Replace the linears of `groups` (each: modules reading one input, in forward order) in ctx.model."""
+
+
+QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register_quantizer(name: str):
+    def wrap(cls):
+        QUANTIZERS[name] = cls()
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("apply", "linear", "fold", "report"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_quantizer(name: str) -> Quantizer:
+    _load_all()
+    if name not in QUANTIZERS:
+        near = difflib.get_close_matches(name, list(QUANTIZERS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown quantization method {name!r}{hint} Available: {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[name]
+
+
+def all_quantizers() -> dict[str, Quantizer]:
+    _load_all()
+    return dict(sorted(QUANTIZERS.items()))
+
+
+from .apply import QuantReport, quantize, quantize_  # noqa: E402  (the verbs use the registry above)
+from .linear import QuantLinear, dequantize_, quantized_layers  # noqa: E402
+
+__all__ = ["QuantConfig", "QuantLinear", "QuantReport", "all_quantizers", "dequantize_", "get_quantizer",
+           "quantize", "quantize_", "quantized_layers", "register_quantizer"]

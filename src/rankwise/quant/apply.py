@@ -1,0 +1,177 @@
+"""quantize(model, batches, method) and quantize_(model, config): the in-place verbs.
+
+Calibrated methods run inside one block-sequential calibration pass (calibrate's per-block step):
+block i's inputs are measured, its linears quantized, and block i is re-run so that block i+1 is
+calibrated on what the quantized model computes (the sequential pipeline of GPTQ / llm-compressor).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..calib.calibrate import calibrate
+from ..calib.stats import Stats
+from ..errors import QuantError
+from ..numerics.quantize import check_grid, output_error
+from ..targets import find_targets
+from . import QuantConfig, get_quantizer
+from .linear import QuantLinear, set_module
+
+# Classes other tools put in place of nn.Linear, and the tool each belongs to.
+_FOREIGN = {"Linear4bit": "bitsandbytes", "Linear8bitLt": "bitsandbytes", "CompressedLinear": "compressed-tensors",
+            "WQLinear_GEMM": "AutoAWQ", "WQLinear_GEMV": "AutoAWQ", "TorchQuantLinear": "GPTQModel",
+            "QuantLinear": "auto-gptq / GPTQModel", "HQQLinear": "HQQ", "QLinear": "optimum-quanto"}
+
+
+@dataclass
+class LayerRecord:
+    error: float  # relative: ‖(W − Ŵ)X‖²/‖WX‖² on the calibration inputs ("output"), or ‖W − Ŵ‖²/‖W‖² ("weight")
+    error_kind: str
+    bits: float  # storage per weight, scales included
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class QuantReport:
+    method: str
+    config: dict
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "config": self.config, "seconds": self.seconds, "tokens": self.tokens,
+                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+
+    @property
+    def mean_bits(self) -> float:
+        return sum(r.bits for r in self.layers.values()) / max(len(self.layers), 1)
+
+
+class Context:
+    """What a quantizer needs about the model being quantized; it records each replaced layer."""
+
+    def __init__(self, model: nn.Module, cfg: QuantConfig, report: QuantReport, stats: Stats | None = None):
+        self.model, self.cfg, self.grid, self.report, self.stats = model, cfg, cfg.grid, report, stats
+        self._t = time.perf_counter()
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.model.get_submodule(name)
+
+    def hessian(self, name: str) -> Tensor | None:
+        """XᵀX/n [in, in] float32 of the module's inputs, or None (data-free)."""
+        if self.stats is None:
+            return None
+        st = self.stats[name]
+        return (st.xtx / max(st.n, 1)).float()
+
+    def tokens(self, name: str) -> int:
+        return 0 if self.stats is None else self.stats[name].n
+
+    def replace(self, name: str, codes: Tensor, scale: Tensor, zero: Tensor, *, input_scale: Tensor | None = None,
+                folded: Tensor | None = None, reference: Tensor | None = None, note: str = "") -> QuantLinear:
+        """Put a QuantLinear in place of linear `name`; record its error against `reference` (default: the
+        current weight) on the calibration inputs. `folded` [in]: a scale the previous op now divides
+        the inputs by (AWQ), so the layer is compared as it acts on the original inputs."""
+        lin = self.linear(name)
+        ref = (lin.weight if reference is None else reference).detach().float()
+        q = QuantLinear(codes, scale, zero, self.grid, lin.bias, input_scale, dtype=lin.weight.dtype)
+        w_hat = q.weight.float() if folded is None else q.weight.float() / folded[None, :]
+        h = self.hessian(name)
+        if h is not None:
+            err, kind = output_error(ref, w_hat, h) / max(output_error(ref, torch.zeros_like(ref), h), 1e-30), "output"
+        else:
+            err, kind = float(((ref - w_hat) ** 2).sum() / ((ref**2).sum()).clamp_min(1e-30)), "weight"
+        set_module(self.model, name, q)
+        now = time.perf_counter()
+        self.report.layers[name] = LayerRecord(err, kind, q.bits_per_weight, now - self._t, note)
+        self._t = now
+        return q
+
+
+def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
+    """The target names; QuantError for a model already quantized (by us or another tool), a grid that
+    does not fit a layer, or non-finite weights."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None:
+        tool = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", type(qc).__name__)
+        raise QuantError(f"this model is already quantized ({tool}, per config.quantization_config); "
+                         "load the original floating-point model to quantize it with rankwise")
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            raise QuantError(f"{mname} is already quantized by rankwise; call rankwise.quant.dequantize_(model) first")
+        tool = _FOREIGN.get(type(m).__name__)
+        if tool is not None:
+            raise QuantError(f"{mname} is a {type(m).__name__}: this model is already quantized by {tool}; "
+                             "load the original floating-point model instead")
+    names = find_targets(model, targets)
+    for n in names:
+        w = model.get_submodule(n).weight
+        try:
+            check_grid(cfg.grid, w.shape[1], n)
+        except ValueError as e:
+            raise QuantError(str(e)) from None
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise QuantError(f"{n}: {bad} weights are NaN or inf; a quantization grid cannot hold them (check the checkpoint)")
+    return names
+
+
+def _groups(names: Sequence[str], aliases: dict[str, str]) -> list[list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(aliases.get(n, n), []).append(n)
+    return list(out.values())
+
+
+def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn") -> QuantReport:
+    """Data-free quantization in place (torchao style): `quantize_(model, RTNConfig(bits=4))`."""
+    quantizer = get_quantizer(method)
+    if not isinstance(config, quantizer.config):
+        raise QuantError(f"{method} takes a {quantizer.config.__name__}, not a {type(config).__name__}")
+    if quantizer.observe:
+        raise QuantError(f"{method} needs calibration data: use rankwise.quantize(model, batches, method={method!r})")
+    names = check_model(model, config.targets, config)
+    report = QuantReport(method, config.model_dump())
+    t = time.perf_counter()
+    with torch.no_grad():
+        quantizer.quantize_groups(Context(model, config, report), [[n] for n in names], config)
+    report.seconds = time.perf_counter() - t
+    return report
+
+
+def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gptq", *, progress: bool = True,
+             **options) -> QuantReport:
+    """Quantize `model` in place with `method` (rtn, gptq, awq, …); options are the method's config keys.
+
+    Calibrated methods run block-sequentially over `batches` (see the module docstring). Returns a
+    report of each layer's error, storage bits and time.
+    """
+    quantizer = get_quantizer(method)
+    cfg = quantizer.config.build(where=f"quantize {method}", **options)
+    if not quantizer.observe:
+        return quantize_(model, cfg, method)
+    if not batches:
+        raise QuantError(f"{method} needs calibration batches (rankwise.load_data); only rtn is data-free")
+    check_model(model, cfg.targets, cfg)
+    report = QuantReport(method, cfg.model_dump())
+
+    def step(group_names: list[str], stats: Stats) -> None:
+        ctx = Context(model, cfg, report, stats)
+        quantizer.quantize_groups(ctx, _groups(group_names, stats.aliases), cfg)
+        for n in group_names:  # the Hessians are spent: bound memory to one block's statistics
+            if n in stats.layers:
+                stats.layers[n].m2 = None
+
+    t = time.perf_counter()
+    stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, step=step, progress=progress,
+                      true_sequential=getattr(cfg, "true_sequential", False))
+    report.seconds = time.perf_counter() - t
+    report.tokens = max(st.n for st in stats.layers.values())
+    return report

@@ -1,0 +1,78 @@
+"""QuantLinear: a linear layer held as integer codes, scales and zero points, dequantized on the fly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..numerics.quantize import Grid, dequantize
+
+
+class QuantLinear(nn.Module):
+    """y = x·Wᵀ + b with W = (q − z)·s (per row and group) · diag(1/input_scale).
+
+    Buffers: `codes` [out, in] uint8, `scale` [out, groups] float32 (float16-exact), `zero`
+    [out, groups] uint8, `input_scale` [in] float32 or None (AWQ's per-channel scale when no earlier
+    op could absorb it: the stored grid holds W·diag(input_scale)). `bias` stays a frozen parameter.
+    `weight` is the effective float weight, computed on access, so code that reads `.weight` works.
+    """
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, grid: Grid, bias: Tensor | None = None,
+                 input_scale: Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.grid, self.compute_dtype = grid, dtype
+        self.register_buffer("codes", codes.to(torch.uint8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", zero.to(torch.uint8).contiguous())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def grid_weight(self) -> Tensor:
+        """(q − z)·s [out, in] float32: the weight exactly as the grid holds it (before input_scale)."""
+        return dequantize(self.codes, self.scale, self.zero)
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.grid_weight()
+        if self.input_scale is not None:
+            w = w / self.input_scale[None, :]
+        return w.to(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage per weight: the code plus its group's float16 scale (and zero point if asymmetric)."""
+        per_group = 16 + (0 if self.grid.symmetric else self.grid.bits)
+        return self.grid.bits + per_group * self.scale.shape[1] / self.in_features
+
+    def extra_repr(self) -> str:
+        g = self.grid
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={g.bits}, "
+                f"group_size={g.group_size}, symmetric={g.symmetric}, input_scale={self.input_scale is not None}")
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its effective float weight (in place)."""
+    for name, q in quantized_layers(model).items():
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.codes.device,
+                        dtype=q.compute_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.weight)
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        set_module(model, name, lin)
+    return model

@@ -1,0 +1,253 @@
+"""GGUF export (export/gguf.py) and llama.cpp evaluation (train/llamacpp.py) on tiny random Llamas.
+
+The tiny models use initializer_range 0.1: at Llama's 0.02 a random model's perplexity is the vocab size
+whatever its weights (a missing q/k permutation moved it by 1e-4), at 0.1 it moves by ~5 %, so the 2 %
+llama.cpp checks can tell a right file from a wrong one.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rankwise.errors import RankwiseError
+from rankwise.export.gguf import write_gguf
+from rankwise.numerics.quantize import Grid, rtn
+from rankwise.quant.linear import QuantLinear, set_module
+from rankwise.train.llamacpp import llamacpp_perplexity, torch_perplexity
+
+VOCAB, HEADS, KV_HEADS = 96, 4, 2
+# layer → (grid, the ggml block type that must hold its codes as they are)
+GRIDS = {
+    "model.layers.0.self_attn.q_proj": (Grid(4, 32, True), T.Q4_0),
+    "model.layers.0.self_attn.k_proj": (Grid(4, 32, False), T.Q4_1),
+    "model.layers.0.mlp.down_proj": (Grid(8, 32, True), T.Q8_0),
+    "model.layers.1.self_attn.q_proj": (Grid(4, 32, False), T.Q4_1),
+    "model.layers.1.self_attn.k_proj": (Grid(8, 32, True), T.Q8_0),
+    "model.layers.1.mlp.up_proj": (Grid(4, 32, True), T.Q4_0),
+}
+CASES = [(64, True), (128, False)]  # (hidden size, tie_word_embeddings)
+
+
+def make_llama(hidden=64, tied=True, seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                      tie_word_embeddings=tied, initializer_range=0.1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantize(model, grids: dict[str, Grid]):
+    """Replace the named linears by RTN QuantLinears of their own weights (in place)."""
+    for name, grid in grids.items():
+        lin = model.get_submodule(name)
+        set_module(model, name, QuantLinear(*rtn(lin.weight.data, grid), grid, bias=lin.bias))
+    return model
+
+
+def token_ids(n=3, length=40, seed=1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def read(path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order back to HF's (per head, interleaved pairs → two halves)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def stored_weight(tensors, hf_name: str) -> torch.Tensor:
+    """A linear's weight as the GGUF file holds it, dequantized by gguf and in HF's row order."""
+    gname = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(hf_name)
+    t = tensors[f"{gname}.weight"]
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+    heads = {"q_proj": HEADS, "k_proj": KV_HEADS}.get(hf_name.rpartition(".")[2])
+    return torch.from_numpy(unpermute(w, heads) if heads else w.copy())
+
+
+@pytest.mark.parametrize("hidden,tied", CASES)
+def test_quantlinear_codes_written_bit_for_bit(tmp_path, hidden, tied):
+    model = quantize(make_llama(hidden, tied), {n: g for n, (g, _) in GRIDS.items()})
+    path = write_gguf(model, tmp_path / "m.gguf", qtype="f32")
+    tensors = read(path)
+    for name, (_, btype) in GRIDS.items():
+        gname = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(name)
+        assert tensors[f"{gname}.weight"].tensor_type == btype, name
+        assert torch.equal(stored_weight(tensors, name), model.get_submodule(name).grid_weight()), name
+    plain = "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj"
+    for name in plain:
+        assert torch.equal(stored_weight(tensors, name), model.get_submodule(name).weight.detach())
+    assert ("output.weight" in tensors) == (not tied)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == T.F32
+
+
+@pytest.mark.parametrize("hidden,tied", CASES)
+def test_transformers_reloads_the_same_model(tmp_path, hidden, tied):
+    """Reloaded logits equal ours to 1e-5: the weights are the same floats, only op order may differ."""
+    model = quantize(make_llama(hidden, tied), {n: g for n, (g, _) in GRIDS.items()})
+    write_gguf(model, tmp_path / "m.gguf", qtype="f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert back.config.tie_word_embeddings == tied
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_auto_writes_plain_layers_f16(tmp_path):
+    """qtype="auto": blocks for QuantLinears, F16 for plain linears and the embedding, exactly those values."""
+    model = quantize(make_llama(), {n: g for n, (g, _) in GRIDS.items()})
+    tensors = read(write_gguf(model, tmp_path / "m.gguf"))
+    assert tensors["token_embd.weight"].tensor_type == T.F16
+    assert tensors["blk.0.attn_v.weight"].tensor_type == T.F16
+    assert tensors["blk.0.attn_q.weight"].tensor_type == T.Q4_0
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() in (
+        gguf.LlamaFileType.MOSTLY_Q4_0, gguf.LlamaFileType.MOSTLY_Q4_1, gguf.LlamaFileType.MOSTLY_F16)
+    v = model.get_submodule("model.layers.0.self_attn.v_proj").weight.detach()
+    assert torch.equal(stored_weight(tensors, "model.layers.0.self_attn.v_proj"), v.half().float())
+
+
+@pytest.mark.parametrize("qtype,embed", [("q4_0", T.Q8_0), ("q4_1", T.Q8_0), ("q8_0", T.Q8_0), ("f16", T.F16)])
+def test_plain_model_types(tmp_path, qtype, embed):
+    tensors = read(write_gguf(make_llama(tied=False), tmp_path / "m.gguf", qtype=qtype))
+    assert tensors["token_embd.weight"].tensor_type == embed
+    assert tensors["output.weight"].tensor_type == embed
+    assert tensors["blk.1.ffn_gate.weight"].tensor_type == {"f16": T.F16}.get(qtype, T[qtype.upper()])
+
+
+def test_unmatched_grids_are_requantized_with_a_warning(tmp_path):
+    model = quantize(make_llama(), {"model.layers.0.mlp.down_proj": Grid(4, 64, True),
+                                    "model.layers.0.mlp.up_proj": Grid(4, 32, True)})
+    up = model.get_submodule("model.layers.0.mlp.up_proj")
+    up.input_scale = torch.linspace(0.5, 2.0, up.in_features)
+    with pytest.warns(UserWarning) as caught:
+        tensors = read(write_gguf(model, tmp_path / "m.gguf", qtype="q8_0"))
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "model.layers.0.mlp.down_proj" in messages and "group 64" in messages
+    assert "model.layers.0.mlp.up_proj" in messages and "input_scale" in messages
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == T.Q8_0
+    # the effective weight W·diag(1/input_scale) is what gets re-quantized
+    torch.testing.assert_close(stored_weight(tensors, "model.layers.0.mlp.up_proj"), up.weight, rtol=0,
+                               atol=float(up.weight.abs().max()) / 100)
+
+
+def test_bpe_tokenizer_metadata_and_copy(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = write_gguf(model, tmp_path / "a.gguf", tokenizer=tok)
+    fields = gguf.GGUFReader(str(first)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.tokens"].contents() == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+    assert len(fields["tokenizer.ggml.merges"].data) > 0
+    model.rankwise_source = str(first)  # what load_model records for a model read from a GGUF file
+    copied = gguf.GGUFReader(str(write_gguf(model, tmp_path / "b.gguf"))).fields
+    keys = sorted(k for k in fields if k.startswith("tokenizer."))
+    assert keys == sorted(k for k in copied if k.startswith("tokenizer."))
+    assert all(fields[k].contents() == copied[k].contents() for k in keys)
+
+
+def test_llamacpp_tokenizes_like_transformers(tmp_path, tiny_model_dir):
+    """The byte-level BPE metadata (pre-tokenizer "gpt-2") makes llama.cpp split text as the HF tokenizer does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from rankwise.data import pydoc_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "m.gguf", tokenizer=tok)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in pydoc_texts("eval")[:20]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    llm.close()
+
+
+def test_tokenizer_vocab_mismatch_is_an_error(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    source = write_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "src.gguf",
+                        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    with pytest.raises(RankwiseError, match="300 tokens but the model's vocab_size is 96"):
+        write_gguf(make_llama(), tmp_path / "m.gguf", source_gguf=source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]  # nothing half-written left behind
+
+
+def test_bad_input(tmp_path, bert):
+    with pytest.raises(RankwiseError, match="'bert'"):
+        write_gguf(bert, tmp_path / "m.gguf")
+    with pytest.raises(RankwiseError, match="auto, f32, f16, q8_0, q4_0, q4_1"):
+        write_gguf(make_llama(), tmp_path / "m.gguf", qtype="q3_k")
+    with pytest.raises(RankwiseError, match="llama-cpp-python"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "llama_cpp", None)
+            llamacpp_perplexity(tmp_path / "m.gguf", [[1, 2, 3]], n_ctx=8)
+
+
+def test_torch_perplexity_pools_tokens():
+    model = make_llama()
+    ids = token_ids(n=2, length=10)
+    a, b = torch_perplexity(model, ids[:1]), torch_perplexity(model, ids[1:])
+    both = torch_perplexity(model, [ids[0].tolist(), ids[1]])
+    assert both["tokens"] == 18
+    assert both["nll"] == pytest.approx((a["nll"] + b["nll"]) / 2)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
+def test_llamacpp_loads_every_type(tmp_path, qtype):
+    """llama.cpp's perplexity is within 2 % of transformers' on the same file's weights (measured ≤ 0.3 %:
+    llama.cpp rounds activations to 8 bits in its quantized matmuls); f32/f16 within 0.1 % of our model."""
+    pytest.importorskip("llama_cpp")
+    model = make_llama(tied=qtype != "f16")
+    path = write_gguf(model, tmp_path / "m.gguf", qtype=qtype)
+    ids = token_ids()
+    got = llamacpp_perplexity(path, ids, n_ctx=64)
+    same = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert got["tokens"] == 3 * 39
+    assert got["ppl"] == pytest.approx(torch_perplexity(same, ids)["ppl"], rel=0.02)
+    if qtype in ("f32", "f16"):
+        assert got["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=1e-3)
+
+
+@pytest.mark.parametrize("hidden,tied", CASES)
+def test_llamacpp_matches_quantized_model(tmp_path, hidden, tied):
+    """auto-written QuantLinear model: llama.cpp perplexity within 2 % of ours (measured 0.2 %)."""
+    pytest.importorskip("llama_cpp")
+    model = quantize(make_llama(hidden, tied), {n: g for n, (g, _) in GRIDS.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every grid here has a block type: nothing may be re-quantized
+        path = write_gguf(model, tmp_path / "m.gguf")
+    ids = token_ids()
+    assert llamacpp_perplexity(path, ids, n_ctx=64)["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_smollm2_rtn_q4_0_through_llamacpp(tmp_path):
+    """SmolLM2-135M, RTN 4-bit group 32 (→ Q4_0) on every linear but the tied head: same perplexity."""
+    from rankwise import load_data, load_model
+
+    model, tok = load_model("smollm2")
+    grid = Grid(4, 32, True)
+    quantize(model, {n: grid for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"})
+    path = write_gguf(model, tmp_path / "smollm2-q4_0.gguf")  # tokenizer copied from the source GGUF
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert read(path)["blk.0.attn_q.weight"].tensor_type == T.Q4_0
+    batches = load_data("pydoc", tok, seq_len=256, n=4, split="eval")
+    ids = [row[mask.bool()].tolist() for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"])]
+    ours = torch_perplexity(model, ids)
+    print(f"\nSmolLM2 RTN q4_0 torch ppl {ours['ppl']:.4f} on {ours['tokens']} tokens")
+    pytest.importorskip("llama_cpp")
+    theirs = llamacpp_perplexity(path, ids, n_ctx=256)
+    print(f"SmolLM2 RTN q4_0 llama.cpp ppl {theirs['ppl']:.4f} ({theirs['ppl'] / ours['ppl'] - 1:+.4%})")
+    assert theirs["tokens"] == ours["tokens"]
+    assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=0.02)
