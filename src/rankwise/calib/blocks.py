@@ -15,6 +15,10 @@ class _Stop(Exception):
     """Raised by a stand-in to end a forward pass early."""
 
 
+def _raise_stop(module, args):
+    raise _Stop
+
+
 class _StandIn(nn.Module):
     """Takes a block's place for one pass: calls `on_call(args, kwargs)` instead of the block.
 
@@ -98,6 +102,29 @@ class BlockRunner:
             for i, block in enumerate(originals):
                 self.blocks[i] = block
 
+    def _measure(self, block: nn.Module, group: list[str], hidden: list, calls: list, masks: list) -> None:
+        """Run the block over every batch for the recorder; from the second batch on, stop each pass
+        once the last module of `group` (as called in the first batch) has had its input recorded."""
+        modules = dict(self.model.named_modules())
+        order: list[str] = []
+        handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in group]
+        try:
+            for b in range(len(hidden)):
+                self.recorder.start_batch(masks[b], b)
+                try:
+                    block(hidden[b], *calls[b][0], **calls[b][1])
+                except _Stop:
+                    pass
+                if b == 0:
+                    for h in handles:
+                        h.remove()
+                    handles = []
+                    if order and order.count(order[-1]) == 1:  # registered after the recorder's hook: runs after it
+                        handles = [modules[order[-1]].register_forward_pre_hook(_raise_stop)]
+        finally:
+            for h in handles:
+                h.remove()
+
     def _phases(self, block: nn.Module, hidden: Tensor, call: tuple, names: list[str]) -> list[list[str]]:
         """The block's targets in groups to measure and step: one group, or (true_sequential) one per
         distinct input tensor, in the order the block computes them (found on the first batch)."""
@@ -153,9 +180,7 @@ class BlockRunner:
             if self.step is not None:
                 for group in self._phases(block, hidden[0], calls[i][0], self.inside[i]):
                     self.recorder.active = set(group)
-                    for b in range(len(batches)):
-                        self.recorder.start_batch(masks[b], b)
-                        block(hidden[b], *calls[i][b][0], **calls[i][b][1])
+                    self._measure(block, group, hidden, calls[i], masks)
                     self.done()
                     self.step(group, self.stats)
                 self.recorder.active = set()

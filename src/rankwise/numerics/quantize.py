@@ -83,21 +83,18 @@ def grid_params(w: Tensor, grid: Grid, clip: Tensor | float = 1.0) -> tuple[Tens
     return scale, zero
 
 
-def _expand(t: Tensor, in_features: int) -> Tensor:
-    """[rows, groups] → [rows, in] (each group's value repeated over its columns)."""
-    return t.repeat_interleave(in_features // t.shape[1], dim=1)
-
-
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, grid: Grid) -> Tensor:
     """Codes q = clamp(round(w/s) + z, 0, 2^b − 1) [rows, in] uint8, for W [rows, in], s, z [rows, groups]."""
-    s, z = _expand(scale, w.shape[1]), _expand(zero, w.shape[1])
-    return torch.clamp(torch.round(w.float() / s) + z, 0, grid.qmax).to(torch.uint8)
+    rows, n = w.shape
+    g = w.float().reshape(rows, scale.shape[1], -1)  # [rows, groups, width]: broadcast, no repeat
+    return torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, grid.qmax).to(torch.uint8).reshape(rows, n)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype=torch.float32) -> Tensor:
     """W = (q − z)·s [rows, in] for codes [rows, in] and s, z [rows, groups] (exact in float32)."""
-    n = codes.shape[1]
-    return ((codes.float() - _expand(zero.float(), n)) * _expand(scale.float(), n)).to(dtype)
+    rows, n = codes.shape
+    c = codes.reshape(rows, scale.shape[1], -1).float()  # [rows, groups, width]: broadcast, no repeat
+    return ((c - zero.float()[..., None]) * scale.float()[..., None]).reshape(rows, n).to(dtype)
 
 
 def rtn(w: Tensor, grid: Grid, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,30 +170,37 @@ def gptq(w: Tensor, h: Tensor, grid: Grid, *, damp: float = 0.01, block_size: in
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u, used_damp = _inverse_cholesky(h, damp)
-    codes = torch.empty(n_out, n_in, dtype=torch.uint8, device=w.device)
     if grid.group_size is not None and not static:
         block_size = width * max(1, round(block_size / width))  # a block holds whole groups
     group_of = (perm if perm is not None else torch.arange(n_in)).div(width, rounding_mode="floor").tolist()
-    col_scale, col_zero = scale.to(dtype), zero.to(dtype)  # per-group tables in the sweep's dtype
+    # The sweep runs on Wᵀ: a column of W is then a contiguous row, which the per-column steps read
+    # and write many times (3× faster than strided columns for a [3072, 576] weight).
+    wt = w.t().contiguous()
+    codes_t = torch.empty(n_in, n_out, dtype=torch.uint8, device=w.device)
+    inv_diag = 1.0 / torch.diagonal(u)
+    current = None
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        w1, err = w[:, i1:i2].clone(), torch.empty(n_out, i2 - i1, dtype=dtype, device=w.device)
-        u1 = u[i1:i2, i1:i2]
-        q1 = torch.empty(n_out, i2 - i1, dtype=dtype, device=w.device)
+        w1, u1 = wt[i1:i2].clone(), u[i1:i2, i1:i2]
+        err = torch.empty(i2 - i1, n_out, dtype=dtype, device=w.device)
+        q1 = torch.empty(i2 - i1, n_out, dtype=dtype, device=w.device)
         for i in range(i2 - i1):
             g = group_of[i1 + i]
             if not static and (i1 + i) % width == 0:
-                sg, zg = grid_params(w1[:, i:i + width], Grid(grid.bits, None, grid.symmetric))
+                sg, zg = grid_params(w1[i:i + width].t(), Grid(grid.bits, None, grid.symmetric))
                 scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
-                col_scale[:, g], col_zero[:, g] = sg[:, 0].to(dtype), zg[:, 0].to(dtype)
-            s_g, z_g = col_scale[:, g], col_zero[:, g]
-            q = torch.round(w1[:, i] / s_g).add_(z_g).clamp_(0, grid.qmax)
-            q1[:, i] = q
-            e = torch.sub(w1[:, i], (q - z_g).mul_(s_g)).div_(u1[i, i])
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-            err[:, i] = e
-        codes[:, i1:i2] = q1.to(torch.uint8)
-        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)
+            if g != current:  # a new group: its scale and zero point as tables in the sweep's dtype
+                current = g
+                s_g, z_g = scale[:, g].to(dtype), zero[:, g].to(dtype)
+                neg_zs = -z_g * s_g
+            q = q1[i]
+            torch.div(w1[i], s_g, out=q).round_().add_(z_g).clamp_(0, grid.qmax)
+            e = err[i]
+            torch.sub(w1[i], torch.addcmul(neg_zs, q, s_g), out=e).mul_(inv_diag[i1 + i])
+            w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
+        codes_t[i1:i2] = q1.to(torch.uint8)
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    codes = codes_t.t().contiguous()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return GPTQResult(codes, scale, zero, used_damp)

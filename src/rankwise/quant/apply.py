@@ -20,7 +20,7 @@ from ..errors import QuantError
 from ..numerics.quantize import check_grid, output_error
 from ..targets import find_targets
 from . import QuantConfig, get_quantizer
-from .linear import QuantLinear, set_module
+from .linear import QuantLinear, quantized_layers, set_module
 
 # Classes other tools put in place of nn.Linear, and the tool each belongs to.
 _FOREIGN = {"Linear4bit": "bitsandbytes", "Linear8bitLt": "bitsandbytes", "CompressedLinear": "compressed-tensors",
@@ -60,16 +60,21 @@ class Context:
     def __init__(self, model: nn.Module, cfg: QuantConfig, report: QuantReport, stats: Stats | None = None):
         self.model, self.cfg, self.grid, self.report, self.stats = model, cfg, cfg.grid, report, stats
         self._t = time.perf_counter()
+        self._hessians: dict[str, Tensor] = {}
+        self.cache = False  # QuantLinears keep their float weight until the pass ends (quantize clears it)
 
     def linear(self, name: str) -> nn.Linear:
         return self.model.get_submodule(name)
 
     def hessian(self, name: str) -> Tensor | None:
-        """XᵀX/n [in, in] float32 of the module's inputs, or None (data-free)."""
+        """XᵀX/n [in, in] float32 of the module's inputs, or None (data-free); one per shared input."""
         if self.stats is None:
             return None
-        st = self.stats[name]
-        return (st.xtx / max(st.n, 1)).float()
+        key = self.stats.aliases.get(name, name)
+        if key not in self._hessians:
+            st = self.stats[key]
+            self._hessians[key] = (st.xtx / max(st.n, 1)).float()
+        return self._hessians[key]
 
     def tokens(self, name: str) -> int:
         return 0 if self.stats is None else self.stats[name].n
@@ -89,6 +94,7 @@ class Context:
         else:
             err, kind = float(((ref - w_hat) ** 2).sum() / ((ref**2).sum()).clamp_min(1e-30)), "weight"
         set_module(self.model, name, q)
+        q.cache_weight_(self.cache)
         now = time.perf_counter()
         self.report.layers[name] = LayerRecord(err, kind, q.bits_per_weight, now - self._t, note)
         self._t = now
@@ -164,14 +170,19 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
 
     def step(group_names: list[str], stats: Stats) -> None:
         ctx = Context(model, cfg, report, stats)
+        ctx.cache = True
         quantizer.quantize_groups(ctx, _groups(group_names, stats.aliases), cfg)
         for n in group_names:  # the Hessians are spent: bound memory to one block's statistics
             if n in stats.layers:
                 stats.layers[n].m2 = None
 
     t = time.perf_counter()
-    stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, step=step, progress=progress,
-                      true_sequential=getattr(cfg, "true_sequential", False))
+    try:
+        stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, step=step, progress=progress,
+                          true_sequential=getattr(cfg, "true_sequential", False))
+    finally:
+        for q in quantized_layers(model).values():
+            q.cache_weight_(False)
     report.seconds = time.perf_counter() - t
     report.tokens = max(st.n for st in stats.layers.values())
     return report

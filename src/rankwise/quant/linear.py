@@ -28,6 +28,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", zero.to(torch.uint8).contiguous())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._cached: Tensor | None = None  # see cache_weight_
+
+    def cache_weight_(self, on: bool = True) -> None:
+        """Keep the dequantized weight between calls (while calibration re-runs the block batch after
+        batch: the float weight was in memory until now anyway), or drop it."""
+        self._cached = None
+        if on:
+            self._cached = self.weight
 
     def grid_weight(self) -> Tensor:
         """(q − z)·s [out, in] float32: the weight exactly as the grid holds it (before input_scale)."""
@@ -35,6 +43,8 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        if self._cached is not None:
+            return self._cached
         w = self.grid_weight()
         if self.input_scale is not None:
             w = w / self.input_scale[None, :]
