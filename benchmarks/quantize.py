@@ -51,6 +51,11 @@ class Results:
     def __init__(self, path: Path, fresh: bool, setup: dict):
         self.path = path
         old = json.loads(path.read_text()) if path.exists() and not fresh else {}
+        keep = ("n", "seq_len", "eval_tokens")  # what the recorded numbers depend on
+        before = old.get("setup", {}).get("args", {})
+        if old and any(before.get(k) != setup["args"][k] for k in keep):
+            raise SystemExit(f"{path} was recorded with {[(k, before.get(k)) for k in keep]}; rerun with those "
+                             "settings to resume, or pass --fresh")
         self.data = {"setup": setup, "records": old.get("records", {})}
 
     def has(self, key):

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rankwise.errors import RankwiseError
 from rankwise.export.gguf import write_gguf
 from rankwise.numerics.quantize import Grid, rtn
-from rankwise.quant.linear import QuantLinear, set_module
+from rankwise.quant.linear import QuantLinear, quantized_layers, set_module
 from rankwise.train.llamacpp import llamacpp_perplexity, torch_perplexity
 
 VOCAB, HEADS, KV_HEADS = 96, 4, 2
@@ -251,3 +251,23 @@ def test_smollm2_rtn_q4_0_through_llamacpp(tmp_path):
     print(f"SmolLM2 RTN q4_0 llama.cpp ppl {theirs['ppl']:.4f} ({theirs['ppl'] / ours['ppl'] - 1:+.4%})")
     assert theirs["tokens"] == ours["tokens"]
     assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=0.02)
+
+
+@pytest.mark.parametrize("method, grid, btype", [("gptq", Grid(4, 32, True), T.Q4_0), ("gptq", Grid(4, 32, False), T.Q4_1),
+                                                 ("gptq", Grid(8, 32, True), T.Q8_0), ("awq", Grid(4, 32, False), T.Q4_1)])
+def test_gptq_and_awq_codes_written_bit_for_bit(tmp_path, method, grid, btype):
+    """The calibrated methods' own codes (error-compensated, clipped) go into the blocks unchanged."""
+    from conftest import make_batches
+
+    from rankwise.quant import quantize as rw_quantize
+
+    model = make_llama(64, tied=True)
+    extra = {"explicit_scales": False} if method == "awq" else {}  # an explicit scale has no GGUF block
+    rw_quantize(model, make_batches(n_batches=4, batch=4, seq=24, vocab=VOCAB), method, bits=grid.bits,
+                group_size=32, symmetric=grid.symmetric, progress=False, **extra)
+    path = write_gguf(model, tmp_path / "m.gguf")
+    tensors = read(path)
+    for name, layer in quantized_layers(model).items():
+        gname = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(name)
+        assert tensors[f"{gname}.weight"].tensor_type == btype, name
+        assert torch.equal(stored_weight(tensors, name), layer.grid_weight()), name

@@ -124,7 +124,7 @@ def test_readme_cli_and_python_blocks_run_as_written(workdir):
     r = subprocess.run([sys.executable, "-c", substitute(python_block, tiny)], cwd=cwd, capture_output=True,
                        text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("runs/eva/adapter_config.json", "runs/py/metrics.jsonl", "runs/y/report.md"):
+    for name in ("runs/eva/adapter_config.json", "runs/py/metrics.jsonl", "runs/y/report.md", "runs/gptq-ct/config.json"):
         assert (cwd / name).exists(), name
 
 

@@ -15,10 +15,6 @@ class _Stop(Exception):
     """Raised by a stand-in to end a forward pass early."""
 
 
-def _raise_stop(module, args):
-    raise _Stop
-
-
 class _StandIn(nn.Module):
     """Takes a block's place for one pass: calls `on_call(args, kwargs)` instead of the block.
 
@@ -103,27 +99,44 @@ class BlockRunner:
                 self.blocks[i] = block
 
     def _measure(self, block: nn.Module, group: list[str], hidden: list, calls: list, masks: list) -> None:
-        """Run the block over every batch for the recorder; from the second batch on, stop each pass
-        once the last module of `group` (as called in the first batch) has had its input recorded."""
+        """Run the block over every batch for the recorder, each pass stopped as soon as every module of
+        `group` has had its input recorded (the rest of the block is not needed to measure them).
+
+        Stopping is turned off if the first batch calls a module of the group twice (shared weights)."""
         modules = dict(self.model.named_modules())
-        order: list[str] = []
-        handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in group]
+        calls_seen: list[str] = []
+        wanted = set(group)
+
+        def seen(module, args, name):  # registered after the recorder's hook, so it runs after it
+            calls_seen.append(name)
+            if stop and wanted.issubset(calls_seen):
+                raise _Stop
+
+        stop = False
+        handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen(m, a, n)) for n in group]
         try:
             for b in range(len(hidden)):
                 self.recorder.start_batch(masks[b], b)
+                calls_seen.clear()
                 try:
                     block(hidden[b], *calls[b][0], **calls[b][1])
                 except _Stop:
                     pass
                 if b == 0:
-                    for h in handles:
-                        h.remove()
-                    handles = []
-                    if order and order.count(order[-1]) == 1:  # registered after the recorder's hook: runs after it
-                        handles = [modules[order[-1]].register_forward_pre_hook(_raise_stop)]
+                    stop = len(calls_seen) == len(set(calls_seen))
         finally:
             for h in handles:
                 h.remove()
+
+    def _propagate(self, block: nn.Module, hidden: list, calls: list, masks: list, final: list | None, bar) -> None:
+        """hidden[b] ← block(hidden[b]) for every batch; the last block's whole outputs also go to `final`."""
+        for b in range(len(hidden)):
+            self.recorder.start_batch(masks[b], b)
+            out = block(hidden[b], *calls[b][0], **calls[b][1])
+            hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+            if final is not None:
+                final[b] = out
+            bar.update(1)
 
     def _phases(self, block: nn.Module, hidden: Tensor, call: tuple, names: list[str]) -> list[list[str]]:
         """The block's targets in groups to measure and step: one group, or (true_sequential) one per
@@ -183,17 +196,9 @@ class BlockRunner:
                     self._measure(block, group, hidden, calls[i], masks)
                     self.done()
                     self.step(group, self.stats)
-                self.recorder.active = set()
-            else:
-                self.recorder.active = set(self.inside[i])
-            for b in range(len(batches)):
-                self.recorder.start_batch(masks[b], b)
-                rest, kw = calls[i][b]
-                out = block(hidden[b], *rest, **kw)
-                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
-                if i == last:
-                    final[b] = out
-                bar.update(1)
+            # Without a step this one pass both measures and feeds the next block; with one, it only feeds.
+            self.recorder.active = set(self.inside[i]) if self.step is None else set()
+            self._propagate(block, hidden, calls[i], masks, final if i == last else None, bar)
             calls[i] = None  # this block's arguments are no longer needed
             if self.step is None:
                 self.done()

@@ -9,7 +9,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..atomic import write_text
 from ..config import StrictModel
+from ..errors import ConfigError
 
 FORMAT_PATHS = {"safetensors": "model", "compressed-tensors": "model", "gguf": "model.gguf"}
 
@@ -55,10 +57,18 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     if job.method == "awq" and job.format != "safetensors" and "explicit_scales" not in job.options:
         options["explicit_scales"] = False  # those formats cannot hold an explicit input scale
         log(f"awq: explicit_scales=false ({job.format} cannot store a per-channel input scale)")
-    quantizer.config.build(where=f"rankwise quantize --method {job.method}", **options)
-    check_source(job.data)
+    cfg = quantizer.config.build(where=f"rankwise quantize --method {job.method}", **options)
+    if job.format == "compressed-tensors" and getattr(cfg, "explicit_scales", False):
+        raise ConfigError("--format compressed-tensors cannot store AWQ's explicit input scales; "
+                          "drop --opt explicit_scales=true (or export as safetensors)")
+    if quantizer.observe:
+        check_source(job.data)
     t0 = time.perf_counter()
     model, tok = load_model_on(job.model, job.device)
+    if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
+        from ..export.gguf import check_writable
+
+        check_writable(model)
     batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
         if quantizer.observe else None
     t1 = time.perf_counter()
@@ -72,7 +82,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     seconds = {"load": t1 - t0, "quantize": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
     summary = {**report.to_dict(), "job": json.loads(job.model_dump_json()), "written": str(written),
                "seconds": seconds, "perplexity": {"before": before, "after": after}}
-    (job.out / "report.json").write_text(json.dumps(summary, indent=1))
+    write_text(job.out / "report.json", json.dumps(summary, indent=1))
     write_quant_report(job.out, summary)
     return summary
 
@@ -113,4 +123,4 @@ def write_quant_report(out: Path, s: dict) -> None:
     lines += [f"| {n} | {r['error']:.3g} ({r['error_kind']}) | {r['bits']:.2f} | {r['seconds']:.2f} | {r['note']} |"
               for n, r in worst]
     lines += ["", f"![errors]({_plot_errors(out, layers)})", "", "All layers: `report.json`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -53,7 +54,13 @@ def _gguf(model, out, tokenizer=None, qtype: str = "auto", **_) -> Path:
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / "model.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_gguf(model, path, qtype=qtype, tokenizer=tokenizer)
+    with warnings.catch_warnings(record=True) as caught:  # one line for all layers, not one per layer
+        warnings.simplefilter("always")
+        written = write_gguf(model, path, qtype=qtype, tokenizer=tokenizer)
+    if caught:
+        warnings.warn(f"GGUF: {len(caught)} tensor(s) written with re-quantization or a fallback type; the first: "
+                      f"{caught[0].message}", stacklevel=2)
+    return written
 
 
 def export_model(model, out: str | os.PathLike, format: str = "safetensors", tokenizer=None, **options) -> Path:

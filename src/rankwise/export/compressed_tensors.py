@@ -47,11 +47,12 @@ def _format(layers: dict[str, QuantLinear]) -> str:
 
 def _check_exportable(layers: dict[str, QuantLinear]) -> None:
     if not layers:
-        raise QuantError("the model holds no quantized layer (rankwise.quantize first, or export the float model as 'merged')")
+        raise QuantError("the model holds no quantized layer (rankwise.quantize first, or export the float model as 'safetensors')")
     scaled = [n for n, q in layers.items() if q.input_scale is not None]
     if scaled:
-        raise QuantError(f"{scaled[0]} (and {len(scaled) - 1} more) keep an explicit AWQ input scale, which "
-                         "compressed-tensors cannot store; quantize with awq explicit_scales=false, or export 'merged'")
+        more = f" and {len(scaled) - 1} more layers keep" if len(scaled) > 1 else " keeps"
+        raise QuantError(f"{scaled[0]}{more} an explicit AWQ input scale, which compressed-tensors cannot "
+                         "store; quantize with awq explicit_scales=false, or export as 'safetensors'")
 
 
 @torch.no_grad()
@@ -62,7 +63,9 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
 
     layers = quantized_layers(model)
     _check_exportable(layers)
-    plain = dequantize_(copy.deepcopy(model))  # exact weights (q − z)·s as nn.Linear
+    # Exact weights (q − z)·s as nn.Linear, in float32: compressed-tensors gives the scales the weight's
+    # dtype and re-derives the codes as round(W/s + z′), which bfloat16 weights and scales would not keep.
+    plain = dequantize_(copy.deepcopy(model)).float()
     qconfig = _quantization_config(layers)
     apply_quantization_config(plain, qconfig)
     for name, q in layers.items():

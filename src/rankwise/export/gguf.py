@@ -48,7 +48,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     type of every plain linear). Tokenizer metadata: source_gguf's, else that of the GGUF the model was
     loaded from, else built from `tokenizer`, else none (see the module docstring).
     """
-    config = _check(model, qtype)
+    config = check_writable(model, qtype)
     plain = T.F16 if qtype == "auto" else QTYPES[qtype]
     path = Path(path)
     tensors = list(_tensors(model, config, plain))
@@ -72,7 +72,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     return path
 
 
-def _check(model: nn.Module, qtype: str):
+def check_writable(model: nn.Module, qtype: str = "auto"):
     """The model's config, or a RankwiseError saying why this model or qtype cannot be written."""
     if qtype != "auto" and qtype not in QTYPES:
         raise RankwiseError(f"unknown GGUF qtype {qtype!r}; valid ones: {', '.join(['auto', *QTYPES])}")

@@ -120,6 +120,7 @@ def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
 def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H); damp ×10 until H + λI factors."""
     mean_diag = float(torch.diagonal(h).mean())
+    first = damp
     for _ in range(6):
         hd = h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         chol, info = torch.linalg.cholesky_ex(hd)
@@ -129,7 +130,8 @@ def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
             if int(info) == 0:
                 return u, damp
         damp *= 10
-    raise ValueError("the Hessian stays singular with dampening up to 1e5·mean(diag); the layer's inputs are degenerate")
+    raise ValueError(f"the Hessian H = XᵀX does not factor even with H + λI, λ up to {first * 1e5:g}·mean(diag H): "
+                     "its inputs are degenerate (NaN, or all zero)")
 
 
 @dataclass
@@ -177,33 +179,41 @@ def gptq(w: Tensor, h: Tensor, grid: Grid, *, damp: float = 0.01, block_size: in
     # and write many times (3× faster than strided columns for a [3072, 576] weight).
     wt = w.t().contiguous()
     codes_t = torch.empty(n_in, n_out, dtype=torch.uint8, device=w.device)
-    inv_diag = 1.0 / torch.diagonal(u)
-    current = None
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        w1, u1 = wt[i1:i2].clone(), u[i1:i2, i1:i2]
-        err = torch.empty(i2 - i1, n_out, dtype=dtype, device=w.device)
-        q1 = torch.empty(i2 - i1, n_out, dtype=dtype, device=w.device)
-        for i in range(i2 - i1):
-            g = group_of[i1 + i]
-            if not static and (i1 + i) % width == 0:
-                sg, zg = grid_params(w1[i:i + width].t(), Grid(grid.bits, None, grid.symmetric))
-                scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
-            if g != current:  # a new group: its scale and zero point as tables in the sweep's dtype
-                current = g
-                s_g, z_g = scale[:, g].to(dtype), zero[:, g].to(dtype)
-                neg_zs = -z_g * s_g
-            q = q1[i]
-            torch.div(w1[i], s_g, out=q).round_().add_(z_g).clamp_(0, grid.qmax)
-            e = err[i]
-            torch.sub(w1[i], torch.addcmul(neg_zs, q, s_g), out=e).mul_(inv_diag[i1 + i])
-            w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
-        codes_t[i1:i2] = q1.to(torch.uint8)
-        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+        err = _sweep_block(wt, u, i1, i2, group_of, scale, zero, grid, static, codes_t)
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)  # the block's errors onto the columns after it
     codes = codes_t.t().contiguous()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return GPTQResult(codes, scale, zero, used_damp)
+
+
+def _sweep_block(wt: Tensor, u: Tensor, i1: int, i2: int, group_of: list[int], scale: Tensor, zero: Tensor,
+                 grid: Grid, static: bool, codes_t: Tensor) -> Tensor:
+    """Quantize columns i1..i2 of W (rows of wt) one by one, each error spread onto the block's later
+    columns; writes codes_t[i1:i2] (and lazy group scales); returns the scaled errors [i2 − i1, out]."""
+    dtype, width = wt.dtype, wt.shape[0] // scale.shape[1]  # columns per group (all of them: per channel)
+    w1, u1 = wt[i1:i2].clone(), u[i1:i2, i1:i2]
+    err, q1 = torch.empty_like(w1), torch.empty_like(w1)
+    inv_diag = 1.0 / torch.diagonal(u1)
+    current = None
+    for i in range(i2 - i1):
+        g = group_of[i1 + i]
+        if not static and (i1 + i) % width == 0:  # a group starts: fit it on its columns as updated so far
+            sg, zg = grid_params(w1[i:i + width].t(), Grid(grid.bits, None, grid.symmetric))
+            scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+        if g != current:
+            current = g
+            s_g, z_g = scale[:, g].to(dtype), zero[:, g].to(dtype)
+            neg_zs = -z_g * s_g
+        q = q1[i]
+        torch.div(w1[i], s_g, out=q).round_().add_(z_g).clamp_(0, grid.qmax)
+        e = err[i]
+        torch.sub(w1[i], torch.addcmul(neg_zs, q, s_g), out=e).mul_(inv_diag[i])
+        w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
+    codes_t[i1:i2] = q1.to(torch.uint8)
+    return err
 
 
 # --- AWQ (Lin et al. 2024) --------------------------------------------------------------------------
@@ -244,7 +254,7 @@ def awq_search(weights: list[Tensor], act_mean: Tensor, h: Tensor, grid: Grid, n
 
 
 def clip_search(w: Tensor, h: Tensor, grid: Grid, n_grid: int = 20, max_shrink: float = 0.5) -> Tensor:
-    """Per (row, group) range shrink c ∈ {1, 1 − 1/n·max_shrink, …} minimising that group's output error.
+    """Per (row, group) range shrink c ∈ {1, 1 − 1/n, …, 1 − max_shrink} minimising that group's output error.
 
     A group's error is δᵀ H_gg δ with H_gg its diagonal block of H (AWQ's clipping search, Sec. 3.3),
     which ignores the coupling between groups, as AWQ does. Returns c [rows, groups].

@@ -70,7 +70,7 @@ def register_quantizer(name: str):
 
 def _load_all() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("apply", "linear", "fold", "report"):
+        if info.name not in ("apply", "linear", "fold"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -33,7 +33,7 @@ class LayerRecord:
     error: float  # relative: ‖(W − Ŵ)X‖²/‖WX‖² on the calibration inputs ("output"), or ‖W − Ŵ‖²/‖W‖² ("weight")
     error_kind: str
     bits: float  # storage per weight, scales included
-    seconds: float
+    seconds: float  # since the previous record: a sweep or search shared by a group counts on its first layer
     note: str = ""
 
 
@@ -169,6 +169,8 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
     report = QuantReport(method, cfg.model_dump())
 
     def step(group_names: list[str], stats: Stats) -> None:
+        for q in quantized_layers(model).values():  # earlier blocks have fed theirs: drop their float copies
+            q.cache_weight_(False)
         ctx = Context(model, cfg, report, stats)
         ctx.cache = True
         quantizer.quantize_groups(ctx, _groups(group_names, stats.aliases), cfg)

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from . import QuantConfig, register_quantizer
+from ..errors import QuantError
 from ..numerics.quantize import gptq
 
 FEW_TOKENS_DAMP = 0.1  # dampening when a layer saw fewer calibration tokens than it has input channels
@@ -35,15 +36,19 @@ class GPTQ:
             h = ctx.hessian(group[0])  # one Hessian for the modules that read the same input
             damp, note = cfg.damp, ""
             tokens = ctx.tokens(group[0])
-            if tokens < h.shape[0]:
-                damp, note = max(damp, FEW_TOKENS_DAMP), f"{tokens} tokens < {h.shape[0]} inputs: damp {damp:g} → {FEW_TOKENS_DAMP}"
+            if tokens < h.shape[0] and damp < FEW_TOKENS_DAMP:
+                damp, note = FEW_TOKENS_DAMP, f"{tokens} tokens < {h.shape[0]} inputs: damp {cfg.damp:g} → {FEW_TOKENS_DAMP}"
                 warnings.warn(f"{', '.join(group)}: {tokens} calibration tokens for {h.shape[0]} input channels, so "
                               f"the Hessian XᵀX is singular; at least {h.shape[0]} tokens are needed (better: several "
                               f"times that). Dampening was raised from {cfg.damp:g} to {damp:g} to keep it invertible.",
                               stacklevel=2)
             # Rows are independent given H: one sweep over the stacked weights of the group (q/k/v: 3 → 1).
             weights = [ctx.linear(n).weight.detach() for n in group]
-            res = gptq(torch.cat(weights), h, ctx.grid, damp=damp, block_size=cfg.block_size, act_order=cfg.act_order)
+            try:
+                res = gptq(torch.cat(weights), h, ctx.grid, damp=damp, block_size=cfg.block_size,
+                           act_order=cfg.act_order)
+            except ValueError as e:
+                raise QuantError(f"{', '.join(group)}: {e}; check the calibration data reaching these layers") from None
             if res.damp != damp:
                 note = (note + "; " if note else "") + f"H + λI did not factor: damp raised to {res.damp:g}"
             rows = [w.shape[0] for w in weights]
