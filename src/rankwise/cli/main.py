@@ -87,8 +87,7 @@ def quantize(
 ):
     """Quantize a model's linear layers from one block-by-block calibration pass, export, report.
 
-    Each block is calibrated on what the already-quantized blocks before it compute (GPTQ's
-    sequential pipeline). Example: rankwise quantize --method gptq --bits 4 --format gguf --out runs/q4"""
+    Each block is calibrated on what the already-quantized blocks before it compute (GPTQ's sequential pipeline). Example: rankwise quantize --method gptq --bits 4 --format gguf --out runs/q4"""
     from .quantize import QuantJob, run_quantize
 
     job = QuantJob.build(where="rankwise quantize", model=model, data=data, method=method, bits=bits,
