@@ -1,11 +1,14 @@
-"""Low-rank factorizations of a weight W [out, in] into LoRA factors (pure tensor math).
+"""Low-rank factorizations: LoRA factors from an SVD of W, and the output-weighted rank-k fit.
 
 Every SVD-based init here writes W ≈ U_r S_r V_rᵀ as B·A with the singular values split evenly and the
 adapter's scale s divided out (so that s·B·A is the chosen part of W): A = diag(√(S_r/s)) V_rᵀ [r, in],
 B = U_r diag(√(S_r/s)) [out, r] (PiSSA, Meng et al. 2024, Sec. 3; peft's pissa_init does the same).
+`lowrank_fit` is the rank-k approximation that is optimal for the layer's outputs on calibration data.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -55,3 +58,68 @@ def dampened_inverse(c: Tensor, start: float = 0.01, tol: float = 0.05, max_doub
             return fixed, inv, damp
         damp *= 2
     raise ValueError(f"covariance could not be inverted even with {damp:g}× its mean diagonal added")
+
+
+@dataclass
+class LowRankFit:
+    """The S-weighted truncated SVD of one weight: W·S = U·diag(σ)·Vᵀ, W_k = U_k·diag(σ_k)·V_kᵀ·S⁻¹.
+
+    `errors[k]` = Σ_{j≥k} σ_j² = ‖(W − W_k)·S‖²_F, the output error of the rank-k fit summed over the
+    calibration rows (S·Sᵀ = XᵀX), for every k from 0 (errors[0] = ‖W·S‖²) to r (0); `factors(k)`
+    gives B [out, k], A [k, in] with B·A = W_k.
+    """
+
+    u: Tensor  # [out, r]
+    sigma: Tensor  # [r], descending
+    vt_sinv: Tensor  # [r, in]: V_rᵀ·S⁻¹
+    errors: Tensor  # [r + 1]
+    floor: float  # eigenvalues of XᵀX below floor·max were raised to it (0 when unweighted)
+
+    def factors(self, k: int) -> tuple[Tensor, Tensor]:
+        """(A [k, in], B [out, k]) with B·A the optimal rank-k fit; the singular values go to B."""
+        if not 0 <= k <= self.sigma.shape[0]:
+            raise ValueError(f"rank {k} is outside 0…{self.sigma.shape[0]} for this {tuple(self.u.shape[:1])}×"
+                             f"{self.vt_sinv.shape[1]} weight")
+        return self.vt_sinv[:k], self.u[:, :k] * self.sigma[:k]
+
+    def weight(self, k: int) -> Tensor:
+        a, b = self.factors(k)
+        return b @ a
+
+
+def weighting(gram: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor, int]:
+    """(S, S⁻¹, number of floored eigenvalues) with S·Sᵀ = XᵀX, from an eigendecomposition (float64).
+
+    Why an eigendecomposition and not Cholesky: XᵀX is singular whenever a layer saw fewer calibration
+    tokens than it has inputs, or has dead channels, and Cholesky then fails. With XᵀX = QΛQᵀ,
+    S = Q·Λ^½ and S⁻¹ = Λ^-½·Qᵀ; eigenvalues below floor·max(Λ) are raised to that floor, so S⁻¹
+    amplifies by at most floor^-½ (1e3 at the default) and the directions the data never visits keep
+    a small weight instead of an infinite back-map.
+    """
+    lam, q = torch.linalg.eigh(gram.double())
+    top = float(lam.max().clamp_min(1e-300))
+    low = lam < floor * top
+    lam = lam.clamp_min(floor * top)
+    root = lam.sqrt()
+    return q * root[None, :], (q / root[None, :]).T, int(low.sum())
+
+
+def lowrank_fit(w: Tensor, gram: Tensor | None = None, k: int | None = None, floor: float = 1e-6) -> LowRankFit:
+    """The best rank-k approximation of W [out, in] under the output error on calibration inputs X
+    (Eckart–Young on W·S, S·Sᵀ = XᵀX = `gram` [in, in]; plain SVD when gram is None), for every k ≤ `k`
+    (default: all) at once. The identity behind ASVD, SVD-LLM (Wang et al. 2024: S from XᵀX) and
+    activation-aware error compensation (EoRA). Computed in float64.
+    """
+    w = w.double()
+    if gram is None:
+        s = s_inv = None
+        ws = w
+    else:
+        s, s_inv, _ = weighting(gram, floor)
+        ws = w @ s
+    u, sigma, vh = torch.linalg.svd(ws, full_matrices=False)
+    r = sigma.shape[0] if k is None else min(k, sigma.shape[0])
+    tail = torch.flip(torch.cumsum(torch.flip(sigma**2, [0]), 0), [0])  # tail[j] = Σ_{i≥j} σ_i²
+    errors = torch.cat([tail, tail.new_zeros(1)])[: r + 1]
+    vt = vh[:r] if s_inv is None else vh[:r] @ s_inv
+    return LowRankFit(u[:, :r], sigma[:r], vt, errors, 0.0 if gram is None else floor)
