@@ -70,3 +70,18 @@ def test_gguf_of_a_bert_fails_before_any_quantizing(tmp_path, tiny_bert_dir):
             "--eval-tokens", "0", "--format", "gguf", "--out", tmp_path / "b", "--quiet")
     assert r.returncode == 2 and "GGUF export supports Llama-architecture models" in r.stderr, r.stderr
     assert "calibrate" not in r.stderr  # no progress bar: it stopped before calibrating
+
+
+def test_quantize_with_eora_writes_the_adapter_and_reports_both_errors(tmp_path, tiny_model_dir):
+    out = tmp_path / "e"
+    r = run("quantize", "--model", tiny_model_dir, "--method", "gptq", "--bits", "3", "--n-samples", "8",
+            "--seq-len", "64", "--eval-tokens", "0", "--opt", "compensate=eora", "--opt", "compensate_rank=4",
+            "--format", "compressed-tensors", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (out / "model" / "compensation" / "adapter_model.safetensors").exists()
+    assert "| with eora rank 4 |" in (out / "report.md").read_text()
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert all(v["compensated_error"] <= v["error"] * (1 + 1e-6) for v in layers.values())
+    bad = run("quantize", "--model", tiny_model_dir, "--opt", "compensate=eora", "--format", "gguf",
+              "--out", tmp_path / "x", "--quiet")
+    assert bad.returncode == 2 and "--format gguf has no place for a low-rank compensation" in bad.stderr

@@ -61,6 +61,9 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     if job.format == "compressed-tensors" and getattr(cfg, "explicit_scales", False):
         raise ConfigError("--format compressed-tensors cannot store AWQ's explicit input scales; "
                           "drop --opt explicit_scales=true (or export as safetensors)")
+    if job.format == "gguf" and cfg.compensate != "none":
+        raise ConfigError("--format gguf has no place for a low-rank compensation; use compressed-tensors (the "
+                          "compensation is written beside it as a peft adapter) or safetensors (merged)")
     if quantizer.observe:
         check_source(job.data)
     t0 = time.perf_counter()
@@ -119,8 +122,10 @@ def write_quant_report(out: Path, s: dict) -> None:
         lines += ["| held-out perplexity | before | after |", "|---|---:|---:|",
                   f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |", ""]
     worst = sorted(layers.items(), key=lambda kv: -kv[1]["error"])[:8]
-    lines += ["| layer | error | bits | seconds | note |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {n} | {r['error']:.3g} ({r['error_kind']}) | {r['bits']:.2f} | {r['seconds']:.2f} | {r['note']} |"
-              for n, r in worst]
+    comp = cfg.get("compensate", "none") != "none"
+    lines += ["| layer | error | " + (f"with {cfg['compensate']} rank {cfg['compensate_rank']} | " if comp else "")
+              + "bits | seconds | note |", "|---|---:|" + ("---:|" if comp else "") + "---:|---:|---|"]
+    lines += [f"| {n} | {r['error']:.3g} ({r['error_kind']}) | " + (f"{r['compensated_error']:.3g} | " if comp else "")
+              + f"{r['bits']:.2f} | {r['seconds']:.2f} | {r['note']} |" for n, r in worst]
     lines += ["", f"![errors]({_plot_errors(out, layers)})", "", "All layers: `report.json`."]
     write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -70,6 +70,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     apply_quantization_config(plain, qconfig)
     for name, q in layers.items():
         mod = plain.get_submodule(name)
+        mod.weight.data = q.grid_weight().to(mod.weight.dtype)  # the grid alone; a compensation goes beside it
         half = 2 ** (q.grid.bits - 1)
         mod.weight_scale.data = q.scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
         zp = (q.zero.to(torch.int32) - half).reshape(mod.weight_zero_point.shape)
@@ -83,4 +84,30 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         compressor.update_config(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if any(q.lora_a is not None for q in layers.values()):
+            export_compensation(model, tmp / "compensation")
+    return out
+
+
+@torch.no_grad()
+def export_compensation(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """The layers' low-rank compensations B·A as a peft LoRA adapter (scaling 1) for the quantized checkpoint:
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), ckpt / "compensation")`."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = {n: q for n, q in quantized_layers(model).items() if q.lora_a is not None}
+    ranks = {n: q.lora_a.shape[0] for n, q in layers.items()}
+    r = max(ranks.values())
+    plain = dequantize_(copy.deepcopy(model)).float()
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=list(layers), init_lora_weights=False,
+                     rank_pattern={n: k for n, k in ranks.items() if k != r},
+                     alpha_pattern={n: k for n, k in ranks.items() if k != r})
+    peft_model = get_peft_model(plain, cfg)
+    base = peft_model.base_model.model
+    for name, q in layers.items():
+        mod = base.get_submodule(name)
+        mod.lora_A["default"].weight.copy_(q.lora_a)
+        mod.lora_B["default"].weight.copy_(q.lora_b)
+    out = Path(out_dir)
+    peft_model.save_pretrained(out)
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import Field, field_validator
 
@@ -28,6 +28,10 @@ class QuantConfig(StrictModel):
                                                    "32 matches GGUF's blocks")
     symmetric: bool = Field(True, description="symmetric grid (zero point fixed at 2^(bits-1)) or asymmetric (one per group)")
     targets: str = Field("all-linear", description="layers to quantize: all-linear (not the output head), names, or re:<regex>")
+    compensate: Literal["none", "lorc", "eora"] = Field(
+        "none", description="low-rank compensation of each layer's quantization error: lorc (plain SVD of the error, "
+                            "ZeroQuant-V2) or eora (weighted by the inputs' XᵀX, needs calibration)")
+    compensate_rank: int = Field(16, ge=1, description="rank of the compensation term (capped at a layer's size)")
 
     @field_validator("bits")
     @classmethod

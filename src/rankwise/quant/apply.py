@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..calib.calibrate import calibrate
 from ..calib.stats import Stats
 from ..errors import QuantError
+from ..numerics.lowrank import lowrank_fit
 from ..numerics.quantize import check_grid, output_error
 from ..targets import find_targets
 from . import QuantConfig, get_quantizer
@@ -32,9 +33,10 @@ _FOREIGN = {"Linear4bit": "bitsandbytes", "Linear8bitLt": "bitsandbytes", "Compr
 class LayerRecord:
     error: float  # relative: ‖(W − Ŵ)X‖²/‖WX‖² on the calibration inputs ("output"), or ‖W − Ŵ‖²/‖W‖² ("weight")
     error_kind: str
-    bits: float  # storage per weight, scales included
+    bits: float  # storage per weight, scales (and a compensation term, in float16) included
     seconds: float  # since the previous record: a sweep or search shared by a group counts on its first layer
     note: str = ""
+    compensated_error: float | None = None  # the same error with the low-rank compensation added
 
 
 @dataclass
@@ -89,16 +91,34 @@ class Context:
         q = QuantLinear(codes, scale, zero, self.grid, lin.bias, input_scale, dtype=lin.weight.dtype)
         w_hat = q.weight.float() if folded is None else q.weight.float() / folded[None, :]
         h = self.hessian(name)
-        if h is not None:
-            err, kind = output_error(ref, w_hat, h) / max(output_error(ref, torch.zeros_like(ref), h), 1e-30), "output"
-        else:
-            err, kind = float(((ref - w_hat) ** 2).sum() / ((ref**2).sum()).clamp_min(1e-30)), "weight"
+        err, kind = self._error(ref, w_hat, h), ("output" if h is not None else "weight")
+        after = None
+        if self.cfg.compensate != "none":
+            correction = self._compensate(q, ref - w_hat, h, folded)
+            after = self._error(ref, w_hat + correction, h)
         set_module(self.model, name, q)
         q.cache_weight_(self.cache)
         now = time.perf_counter()
-        self.report.layers[name] = LayerRecord(err, kind, q.bits_per_weight, now - self._t, note)
+        self.report.layers[name] = LayerRecord(err, kind, q.bits_per_weight, now - self._t, note, after)
         self._t = now
         return q
+
+
+    @staticmethod
+    def _error(ref: Tensor, w_hat: Tensor, h: Tensor | None) -> float:
+        if h is None:
+            return float(((ref - w_hat) ** 2).sum() / ((ref**2).sum()).clamp_min(1e-30))
+        return output_error(ref, w_hat, h) / max(output_error(ref, torch.zeros_like(ref), h), 1e-30)
+
+    def _compensate(self, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None) -> Tensor:
+        """Fit B·A to the rounding error W − Ŵ [out, in] (as the layer acts on the original inputs):
+        weighted by XᵀX (EoRA) or not (LoRC); give it to q; return B·A in those input coordinates."""
+        fit = lowrank_fit(error, h if self.cfg.compensate == "eora" else None,
+                          k=min(self.cfg.compensate_rank, *error.shape))
+        a, b = fit.factors(fit.sigma.shape[0])
+        # With a folded AWQ scale the layer reads x/s, so A·x = (A·diag(s))·(x/s).
+        q.compensate_(a * folded[None, :] if folded is not None else a, b)
+        return (b @ a).float()
 
 
 def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
@@ -143,6 +163,9 @@ def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn") -> Qua
         raise QuantError(f"{method} takes a {quantizer.config.__name__}, not a {type(config).__name__}")
     if quantizer.observe:
         raise QuantError(f"{method} needs calibration data: use rankwise.quantize(model, batches, method={method!r})")
+    if config.compensate == "eora":
+        raise QuantError("compensate='eora' weights the error by the inputs' XᵀX, which needs calibration data: "
+                         "use rankwise.quantize(model, batches, ...) with a calibrated method, or compensate='lorc'")
     names = check_model(model, config.targets, config)
     report = QuantReport(method, config.model_dump())
     t = time.perf_counter()

@@ -10,7 +10,7 @@ from ..numerics.quantize import Grid, dequantize
 
 
 class QuantLinear(nn.Module):
-    """y = x·Wᵀ + b with W = (q − z)·s (per row and group) · diag(1/input_scale).
+    """y = x·Wᵀ + b with W = (q − z)·s (per row and group) · diag(1/input_scale) [+ B·A, a compensation].
 
     Buffers: `codes` [out, in] uint8, `scale` [out, groups] float32 (float16-exact), `zero`
     [out, groups] uint8, `input_scale` [in] float32 or None (AWQ's per-channel scale when no earlier
@@ -28,7 +28,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", zero.to(torch.uint8).contiguous())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("lora_a", None)  # [k, in]: optional low-rank compensation B·A of the rounding error
+        self.register_buffer("lora_b", None)  # [out, k]
         self._cached: Tensor | None = None  # see cache_weight_
+
+    def compensate_(self, a: Tensor, b: Tensor) -> None:
+        """Add B [out, k] · A [k, in] to the effective weight (LoRC / EoRA); the grid is left as it is."""
+        self.lora_a, self.lora_b = a.float().contiguous(), b.float().contiguous()
+        self._cached = None
 
     def cache_weight_(self, on: bool = True) -> None:
         """Keep the dequantized weight between calls (while calibration re-runs the block batch after
@@ -48,6 +55,8 @@ class QuantLinear(nn.Module):
         w = self.grid_weight()
         if self.input_scale is not None:
             w = w / self.input_scale[None, :]
+        if self.lora_a is not None:
+            w = w + self.lora_b @ self.lora_a
         return w.to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,7 +67,8 @@ class QuantLinear(nn.Module):
     def bits_per_weight(self) -> float:
         """Storage per weight: the code plus its group's float16 scale (and zero point if asymmetric)."""
         per_group = 16 + (0 if self.grid.symmetric else self.grid.bits)
-        return self.grid.bits + per_group * self.scale.shape[1] / self.in_features
+        low_rank = 0 if self.lora_a is None else 16 * self.lora_a.shape[0] * (self.in_features + self.out_features)
+        return self.grid.bits + per_group * self.scale.shape[1] / self.in_features + low_rank / self.codes.numel()
 
     def extra_repr(self) -> str:
         g = self.grid
