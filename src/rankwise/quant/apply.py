@@ -103,7 +103,6 @@ class Context:
         self._t = now
         return q
 
-
     @staticmethod
     def _error(ref: Tensor, w_hat: Tensor, h: Tensor | None) -> float:
         if h is None:
