@@ -8,9 +8,6 @@ pydantic config whose fields (with their descriptions) reach YAML, the CLI (`--i
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -19,7 +16,7 @@ from torch import Tensor
 
 from ..calib.stats import LayerStats
 from ..config import StrictModel
-from ..errors import ConfigError
+from ..registry import import_all, lookup
 
 # What a method must observe, from least to most: nothing; the top-k centred input spectrum
 # (calibrate(keep=k)); the full second moments XᵀX and Σx (calibrate(keep="full")).
@@ -73,23 +70,13 @@ def register_init(name: str):
     return wrap
 
 
-def _load_all() -> None:
-    """Import every module of this package: each registers itself (a new method is one new file)."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-
-
 def get_init(name: str) -> InitMethod:
-    _load_all()
-    if name not in INITS:
-        near = difflib.get_close_matches(name, list(INITS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"unknown method {name!r}{hint} Available: {', '.join(sorted(INITS))}")
-    return INITS[name]
+    import_all(__name__, __path__)
+    return lookup(INITS, name, "method")
 
 
 def all_methods() -> dict[str, InitMethod]:
-    _load_all()
+    import_all(__name__, __path__)
     return dict(sorted(INITS.items()))
 
 

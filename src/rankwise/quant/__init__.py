@@ -8,15 +8,12 @@ block by block, so later blocks are calibrated on what the quantized earlier blo
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from typing import Literal, Protocol
 
 from pydantic import Field, field_validator
 
 from ..config import StrictModel
-from ..errors import ConfigError
+from ..registry import import_all, lookup
 from ..numerics.quantize import MAX_BITS, MIN_BITS, Grid
 
 
@@ -72,23 +69,13 @@ def register_quantizer(name: str):
     return wrap
 
 
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("apply", "linear", "fold"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def get_quantizer(name: str) -> Quantizer:
-    _load_all()
-    if name not in QUANTIZERS:
-        near = difflib.get_close_matches(name, list(QUANTIZERS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"unknown quantization method {name!r}{hint} Available: {', '.join(sorted(QUANTIZERS))}")
-    return QUANTIZERS[name]
+    import_all(__name__, __path__)
+    return lookup(QUANTIZERS, name, "quantization method")
 
 
 def all_quantizers() -> dict[str, Quantizer]:
-    _load_all()
+    import_all(__name__, __path__)
     return dict(sorted(QUANTIZERS.items()))
 
 
