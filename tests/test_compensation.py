@@ -78,3 +78,13 @@ def test_compensation_bad_input(tmp_path):
     report = quantize_(big, RTNConfig(bits=3, compensate="lorc", compensate_rank=500))  # capped at the layer's size
     assert big.model.layers[0].self_attn.k_proj.lora_a.shape[0] == 32
     assert report.layers["model.layers.0.self_attn.k_proj"].compensated_error < 1e-10
+
+
+def test_write_gguf_itself_refuses_a_compensation(tmp_path):
+    from rankwise.export.gguf import write_gguf
+
+    model = tiny_llama()
+    quantize_(model, RTNConfig(bits=4, compensate="lorc", compensate_rank=2))
+    with pytest.raises(QuantError, match="carries a low-rank compensation, which GGUF has no place for"):
+        write_gguf(model, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())

@@ -35,19 +35,17 @@ class QuantJob(StrictModel):
     options: dict = {}  # the method's own keys, validated by its config
 
 
-def _held_out_ppl(model, tok, job: QuantJob) -> float | None:
-    from ..data.sources import read_stream
+def _held_out_ppl(model, stream: list[int] | None, job: QuantJob) -> float | None:
     from ..train.evaluate import perplexity
 
-    if job.eval_tokens == 0:
+    if not stream:
         return None
-    stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens]
     return perplexity(model, stream, window=job.seq_len, stride=job.seq_len // 2)["perplexity"]
 
 
 def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     """Run the job; writes job.out/{model…, report.json, report.md, errors.png}; returns the summary."""
-    from ..data.sources import check_source, load_data
+    from ..data.sources import check_source, load_data, read_stream
     from ..export import export_model
     from ..quant import get_quantizer, quantize
     from .jobs import load_model_on
@@ -74,12 +72,14 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
         check_writable(model)
     batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
         if quantizer.observe else None
+    stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
+        if job.eval_tokens else None  # read and tokenized once, scored before and after
     t1 = time.perf_counter()
-    before = _held_out_ppl(model, tok, job)
+    before = _held_out_ppl(model, stream, job)
     t2 = time.perf_counter()
     report = quantize(model, batches, job.method, progress=progress, **options)
     t3 = time.perf_counter()
-    after = _held_out_ppl(model, tok, job)
+    after = _held_out_ppl(model, stream, job)
     t4 = time.perf_counter()
     written = export_model(model, job.out / FORMAT_PATHS[job.format], job.format, tokenizer=tok)
     seconds = {"load": t1 - t0, "quantize": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}

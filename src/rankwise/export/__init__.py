@@ -49,14 +49,8 @@ def _compressed_tensors(model, out, tokenizer=None, **_) -> Path:
 
 @register_format("gguf")
 def _gguf(model, out, tokenizer=None, qtype: str = "auto", **_) -> Path:
-    from ..errors import QuantError
-    from ..quant.linear import quantized_layers
     from .gguf import write_gguf
 
-    compensated = [n for n, q in quantized_layers(model).items() if q.lora_a is not None]
-    if compensated:
-        raise QuantError(f"{compensated[0]} carries a low-rank compensation, which GGUF has no place for; export "
-                         "compressed-tensors (the compensation becomes a peft adapter beside it) or safetensors (merged)")
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / "model.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType, TokenType
 from torch import nn
 
-from ..errors import RankwiseError
+from ..errors import QuantError, RankwiseError
 from ..quant.linear import QuantLinear
 
 QTYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -89,6 +89,10 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise RankwiseError(f"GGUF export handles plain RoPE only; this config has rope_type {rope['rope_type']!r}")
+    compensated = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_a is not None]
+    if compensated:  # the blocks hold the grid only: the correction would be dropped without a word
+        raise QuantError(f"{compensated[0]} carries a low-rank compensation, which GGUF has no place for; export "
+                         "compressed-tensors (the compensation becomes a peft adapter beside it) or safetensors (merged)")
     return config
 
 

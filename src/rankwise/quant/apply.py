@@ -91,11 +91,13 @@ class Context:
         q = QuantLinear(codes, scale, zero, self.grid, lin.bias, input_scale, dtype=lin.weight.dtype)
         w_hat = q.weight.float() if folded is None else q.weight.float() / folded[None, :]
         h = self.hessian(name)
-        err, kind = self._error(ref, w_hat, h), ("output" if h is not None else "weight")
+        # relative to ‖WX‖² (output) or ‖W‖² (weight), computed once for both errors
+        norm = max(output_error(ref, torch.zeros_like(ref), h) if h is not None else float((ref**2).sum()), 1e-30)
+        err, kind = self._error(ref, w_hat, h) / norm, ("output" if h is not None else "weight")
         after = None
         if self.cfg.compensate != "none":
             correction = self._compensate(q, ref - w_hat, h, folded)
-            after = self._error(ref, w_hat + correction, h)
+            after = self._error(ref, w_hat + correction, h) / norm
         set_module(self.model, name, q)
         q.cache_weight_(self.cache)
         now = time.perf_counter()
@@ -105,9 +107,8 @@ class Context:
 
     @staticmethod
     def _error(ref: Tensor, w_hat: Tensor, h: Tensor | None) -> float:
-        if h is None:
-            return float(((ref - w_hat) ** 2).sum() / ((ref**2).sum()).clamp_min(1e-30))
-        return output_error(ref, w_hat, h) / max(output_error(ref, torch.zeros_like(ref), h), 1e-30)
+        """‖(W − Ŵ)X‖² on the calibration inputs, or ‖W − Ŵ‖² without them."""
+        return output_error(ref, w_hat, h) if h is not None else float(((ref - w_hat) ** 2).sum())
 
     def _compensate(self, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None) -> Tensor:
         """Fit B·A to the rounding error W − Ŵ [out, in] (as the layer acts on the original inputs):
