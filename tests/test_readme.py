@@ -85,7 +85,8 @@ def promised(argv: list[str], cwd: Path, stdout: str) -> None:
     out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
     wanted = {"train": ["config.yaml", "report.md", "metrics.jsonl", "adapter/adapter_config.json", "adapter/rankwise.json"],
               "init": ["adapter_config.json", "adapter_model.safetensors", "plan.json", "rankwise.json"],
-              "export": ["config.json", "model.safetensors"], "quantize": ["report.md", "report.json", "errors.png"]}.get(sub, [])
+              "export": ["config.json", "model.safetensors"], "quantize": ["report.md", "report.json", "errors.png"],
+              "compress": ["report.md", "report.json", "model/config.json"]}.get(sub, [])
     for name in wanted:
         assert (cwd / out / name).exists(), f"{' '.join(argv)}: no {out}/{name}"
     if sub == "eval":
@@ -124,7 +125,8 @@ def test_readme_cli_and_python_blocks_run_as_written(workdir):
     r = subprocess.run([sys.executable, "-c", substitute(python_block, tiny)], cwd=cwd, capture_output=True,
                        text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("runs/eva/adapter_config.json", "runs/py/metrics.jsonl", "runs/y/report.md", "runs/gptq-ct/config.json"):
+    for name in ("runs/eva/adapter_config.json", "runs/py/metrics.jsonl", "runs/y/report.md", "runs/gptq-ct/config.json",
+                 "runs/svd-py/config.json"):
         assert (cwd / name).exists(), name
 
 

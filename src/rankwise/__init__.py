@@ -2,6 +2,7 @@
 
 from .adapt import adapt_, lora_config
 from .calib.calibrate import calibrate, token_mask
+from .compress import compress, compress_planned, mixed_precision
 from .data.sources import load_data
 from .errors import RankwiseError
 from .export import export_model
@@ -13,7 +14,7 @@ from .calib.stats import LayerStats, Stats
 from .targets import find_targets
 
 __all__ = [
-    "adapt_", "calibrate", "dequantize_", "export", "export_model", "find_targets", "quantize", "quantize_", "load_data", "load_model", "lora_config", "plan",
+    "adapt_", "calibrate", "compress", "compress_planned", "dequantize_", "export", "export_model", "find_targets", "quantize", "quantize_", "load_data", "load_model", "lora_config", "mixed_precision", "plan",
     "token_mask", "LayerPlan", "LayerStats", "Plan", "RankwiseError", "Stats",
 ]
 __version__ = "0.1.0"

@@ -156,7 +156,7 @@ def load_model(
                 kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
         else:
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-        model = cls.from_pretrained(path, **kwargs)
+        model = _load_weights(path, cls, config, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelLoadError(f"could not load a {task} model from {path}: {type(e).__name__}: {e}") from None
@@ -167,6 +167,18 @@ def load_model(
     model.rankwise_source = key if key in EMBEDDED else str(Path(key).expanduser().resolve())
     model.rankwise_task = task
     return model, tokenizer
+
+
+def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:
+    """from_pretrained, or for a folder written by `rankwise compress` its factored layers (compress/folder.py)."""
+    from .compress.folder import is_factored, load_factored
+
+    if is_factored(config):
+        for k, v in kwargs.items():
+            if k != "dtype":
+                setattr(config, k, v)
+        return load_factored(path, cls, config, kwargs["dtype"])
+    return cls.from_pretrained(path, **kwargs)
 
 
 def describe_base(source: str) -> dict:

@@ -64,17 +64,20 @@ class BlockRunner:
     With a per-block `step(names, stats)` (DESIGN.md, extension point 3) each block runs twice: once to
     measure its targets' inputs, then, after step has transformed those targets (quantized them, say),
     once more to compute the inputs of the next block from what the transformed block computes.
+    A step that only reads (`transforms=False`: a planner measuring error curves) is called after the
+    block's single pass instead.
     `true_sequential` measures and steps the targets in the order their inputs are produced (q/k/v,
     then o_proj, …; modules reading one tensor together), one block pass per group, so later layers
     see earlier layers' transformed outputs.
     """
 
     def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, forward, done,
-                 step=None, true_sequential: bool = False):
+                 step=None, true_sequential: bool = False, transforms: bool = True):
         self.model, (self.prefix, self.blocks) = model, blocks
         self.names, self.recorder, self.stats = list(names), recorder, stats
         self.forward, self.done = forward, done
         self.step, self.true_sequential = step, true_sequential
+        self.transforms = step is not None and transforms  # a step that only reads needs no second block pass
         n_blocks = len(self.blocks)
         self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
         in_blocks = {n for group in self.inside for n in group}
@@ -190,18 +193,20 @@ class BlockRunner:
         bar = tqdm(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
         for i, block in enumerate(self.blocks):
             bar.set_description(f"calibrate block {i + 1}/{n_blocks}")
-            if self.step is not None:
+            if self.transforms:
                 for group in self._phases(block, hidden[0], calls[i][0], self.inside[i]):
                     self.recorder.active = set(group)
                     self._measure(block, group, hidden, calls[i], masks)
                     self.done()
                     self.step(group, self.stats)
-            # Without a step this one pass both measures and feeds the next block; with one, it only feeds.
-            self.recorder.active = set(self.inside[i]) if self.step is None else set()
+            # Without a transforming step this one pass both measures and feeds the next block; with one, it only feeds.
+            self.recorder.active = set() if self.transforms else set(self.inside[i])
             self._propagate(block, hidden, calls[i], masks, final if i == last else None, bar)
             calls[i] = None  # this block's arguments are no longer needed
-            if self.step is None:
+            if not self.transforms:
                 self.done()
+                if self.step is not None and self.inside[i]:
+                    self.step(list(self.inside[i]), self.stats)
         bar.close()
 
         # Pass 3, only for targets after the blocks (e.g. a pooler): replay the last block's outputs.

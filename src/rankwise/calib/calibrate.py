@@ -150,6 +150,7 @@ def calibrate(
     observe: Sequence[str] = ("moments",),
     step=None,
     true_sequential: bool = False,
+    transforms: bool = True,
 ) -> Stats:
     """Measure n, Σx and XᵀX of every target's inputs over `batches` (no weight is touched).
 
@@ -163,6 +164,7 @@ def calibrate(
     reading one tensor come together); it may transform them, e.g. quantize. Blockwise, each block is
     then run again, so the next block's inputs are what the transformed block computes (true_sequential:
     the same within a block, see BlockRunner). In whole-model mode step sees every target at the end.
+    transforms=False: step only reads the statistics (and may free them), so each block runs once.
     """
     if mode not in MODES:
         raise CalibrationError(f"mode {mode!r} is not one of {MODES}")
@@ -186,7 +188,7 @@ def calibrate(
             else:
                 BlockRunner(model, blocks, names, recorder, stats, forward=lambda b: _forward(model, b, device),
                             done=lambda: finish(recorder, stats, list(recorder.acc), keep),
-                            step=step, true_sequential=true_sequential).run(batches, masks, device, progress)
+                            step=step, true_sequential=true_sequential, transforms=transforms).run(batches, masks, device, progress)
     finally:
         recorder.remove()
         model.train(was_training)

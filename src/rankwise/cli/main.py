@@ -102,6 +102,69 @@ def quantize(
                   f"written to [bold]{s['written']}[/bold]; report: {out / 'report.md'}")
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 2,3,4,8") from None
+
+
+@app.command()
+def compress(
+    model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
+    data: str = typer.Option("pydoc", help="Calibration data: 'pydoc', .txt, .jsonl/.json, .csv/.tsv."),
+    method: str = typer.Option("svd-llm", help="svd | asvd | svd-llm (low-rank factors), mixed (per-layer bits under --avg-bits) or joint (bits + EoRA ranks [+ SVD] under --budget)."),
+    ratio: Optional[float] = typer.Option(None, help="SVD methods: fraction of the targeted linears' parameters kept (default 0.8); ranks per layer from the measured error curves."),
+    rank: Optional[int] = typer.Option(None, help="SVD methods: one fixed rank for every layer instead of --ratio."),
+    allocation: str = typer.Option("global", help="SVD methods: 'global' (ranks under one budget from the error curves) or 'uniform' (the same fraction per layer)."),
+    avg_bits: Optional[float] = typer.Option(None, help="mixed/joint: average storage bits per weight, scales and compensation included (mixed default 3.5)."),
+    budget: Optional[str] = typer.Option(None, help="joint: size of the compressed linears, e.g. 60MB, 1.2GB, 64MiB (embeddings and norms are not counted)."),
+    bits: str = typer.Option("2,3,4,8", help="mixed/joint: candidate bit widths, comma-separated."),
+    ranks: Optional[str] = typer.Option(None, help="joint: candidate EoRA compensation ranks, comma-separated (default 0,8,16,32)."),
+    svd: bool = typer.Option(False, "--svd/--no-svd", help="joint: also offer SVD-LLM factors (float16) per layer."),
+    group_size: Optional[int] = typer.Option(64, help="mixed/joint: input columns per scale; 0 = per output channel."),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="mixed/joint: symmetric or asymmetric grids."),
+    quantizer: str = typer.Option("gptq", help="mixed/joint: quantizer that applies the chosen bits (rtn, gptq, awq)."),
+    targets: str = typer.Option("all-linear", help="'all-linear' (not the output head), comma-separated names, or 're:<regex>'."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration sequence (and perplexity window)."),
+    n_samples: int = typer.Option(32, help="Number of calibration sequences."),
+    batch_size: int = typer.Option(4, help="Sequences per forward pass."),
+    format: str = typer.Option("safetensors", help="mixed/joint output: 'safetensors' (dense), 'compressed-tensors' or 'gguf'. SVD methods always write model/ (factored) and merged/ (dense)."),
+    eval_data: str = typer.Option("pydoc", help="Plain text for held-out perplexity before/after (causal LMs)."),
+    eval_tokens: int = typer.Option(2048, help="Tokens of held-out perplexity (0: skip)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    out: Path = typer.Option(Path("runs/compress"), help="Output folder: model/ (+ merged/), report.md, report.json, plots."),
+    opt: Optional[list[str]] = typer.Option(None, help="An option of the method (SVD: alpha, min_rank, floor) or of the quantizer (mixed/joint: damp, act_order, …) as KEY=VALUE."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Compress a model from one calibration pass: low-rank factors (SVD, ASVD, SVD-LLM) under a parameter ratio, per-layer mixed precision under an average-bits budget, or bits and compensation ranks planned together under a memory budget.
+
+    Every method measures per-layer error curves on the original model, chooses per-layer ranks/bits with a knapsack, then applies block by block (later blocks see the compressed ones). Examples: rankwise compress --method svd-llm --ratio 0.8 --out runs/svd80; rankwise compress --method joint --budget 60MB --out runs/j60"""
+    from .compress import CompressJob, run_compress
+
+    job = CompressJob.build(where="rankwise compress", model=model, data=data, method=method, ratio=ratio, rank=rank,
+                            allocation=allocation, avg_bits=avg_bits, budget=budget, bits=_int_list(bits, "--bits"),
+                            ranks=_int_list(ranks, "--ranks"), svd=svd, group_size=group_size or None,
+                            symmetric=symmetric, quantizer=quantizer, targets=targets, seq_len=seq_len,
+                            n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
+                            eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"))
+    s = run_compress(job, progress=not quiet, log=console.print)
+    ppl = s["perplexity"]
+    if ppl["before"] is not None:
+        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f} ({eval_tokens} tokens)")
+    if s["kind"] == "svd":
+        p = s["params"]
+        size = f"{p['after']:,} of {p['before']:,} parameters ({p['ratio']:.1%})"
+    else:
+        size = f"{s['bytes'] / 1e6:.2f} MB (budget {s['budget'] / 1e6:.2f} MB)"
+    console.print(f"{len(s['layers'])} layers compressed to {size}; written to [bold]{s['written']['model']}[/bold]; "
+                  f"report: {out / 'report.md'}")
+
+
 @app.command("quantizers")
 def quantizers_cmd():
     """List the quantization methods, what each observes, and their own options (for --opt)."""

@@ -1,7 +1,8 @@
 """Write only: what the ecosystem loads. Adapters: peft folders; models: a registry of formats.
 
-`export_model(model, out, format)` writes a (possibly quantized) model as `safetensors` (a plain
-transformers folder, quantized layers dequantized), `compressed-tensors` or `gguf` (one file).
+`export_model(model, out, format)` writes a (possibly quantized or compressed) model as `safetensors`
+(a plain transformers folder: quantized layers dequantized, low-rank layers merged), `factored` (the
+low-rank layers kept as their two factors; compress/folder.py), `compressed-tensors` or `gguf` (one file).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ def register_format(name: str):
 
 @register_format("safetensors")
 def export_dense(model, out: str | os.PathLike, tokenizer=None, **_) -> Path:
-    """A plain transformers folder: every quantized layer replaced by its float weight."""
+    """A plain transformers folder: every quantized layer replaced by its float weight, every low-rank
+    layer by B·A."""
     from ..atomic import staging_dir
+    from ..compress.linear import merge_lowrank_
     from ..quant.linear import dequantize_
 
     out = Path(out)
-    plain = dequantize_(copy.deepcopy(model))
+    plain = merge_lowrank_(dequantize_(copy.deepcopy(model)))
     with staging_dir(out) as tmp:
         plain.save_pretrained(tmp)
         if tokenizer is not None:
@@ -40,10 +43,31 @@ def export_dense(model, out: str | os.PathLike, tokenizer=None, **_) -> Path:
     return out
 
 
+@register_format("factored")
+def _factored(model, out, tokenizer=None, method: str = "", **_) -> Path:
+    from ..compress.folder import save_factored
+    from ..quant.linear import quantized_layers
+
+    if quantized_layers(model):
+        raise ConfigError("the factored folder holds low-rank and float layers only; this model also has quantized "
+                          "layers: export it as 'safetensors' (merged)")
+    return save_factored(model, out, tokenizer, method)
+
+
+def _refuse_factored(model, fmt: str) -> None:
+    from ..compress.linear import lowrank_layers
+
+    names = list(lowrank_layers(model))
+    if names:
+        raise ConfigError(f"{fmt} cannot hold low-rank (SVD-compressed) layers such as {names[0]}; export as "
+                          "'safetensors' (merged dense) or 'factored'")
+
+
 @register_format("compressed-tensors")
 def _compressed_tensors(model, out, tokenizer=None, **_) -> Path:
     from .compressed_tensors import export_compressed_tensors
 
+    _refuse_factored(model, "compressed-tensors")
     return export_compressed_tensors(model, out, tokenizer)
 
 
@@ -51,6 +75,7 @@ def _compressed_tensors(model, out, tokenizer=None, **_) -> Path:
 def _gguf(model, out, tokenizer=None, qtype: str = "auto", **_) -> Path:
     from .gguf import write_gguf
 
+    _refuse_factored(model, "GGUF")
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / "model.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)

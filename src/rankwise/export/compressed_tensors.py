@@ -89,10 +89,33 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     return out
 
 
+def load_compensated(ckpt: str | os.PathLike, cls=None):
+    """A compressed-tensors checkpoint written by rankwise, with its `compensation/` adapter applied if it has one.
+
+    The recipe, for use without rankwise: `model = AutoModelForCausalLM.from_pretrained(ckpt)`;
+    `model.hf_quantizer.compressor.decompress_model(model)` (peft needs each layer's `weight`, and
+    transformers keeps 4- and 8-bit pack-quantized layers packed; its `CompressedTensorsConfig(dequantize=True)`
+    decodes every layer with the first config group's scheme in transformers 5.23, wrong for mixed bits);
+    then `PeftModel.from_pretrained(model, ckpt / "compensation")`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(ckpt)
+    model = (cls or AutoModelForCausalLM).from_pretrained(ckpt)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "compressor"):
+        quantizer.compressor.decompress_model(model)
+    if (ckpt / "compensation" / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ckpt / "compensation")
+    return model.eval()
+
+
 @torch.no_grad()
 def export_compensation(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """The layers' low-rank compensations B·A as a peft LoRA adapter (scaling 1) for the quantized checkpoint:
-    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), ckpt / "compensation")`."""
+    `load_compensated(ckpt)` (in this module) loads both."""
     from peft import LoraConfig, get_peft_model
 
     layers = {n: q for n, q in quantized_layers(model).items() if q.lora_a is not None}
@@ -108,6 +131,9 @@ def export_compensation(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         mod = base.get_submodule(name)
         mod.lora_A["default"].weight.copy_(q.lora_a)
         mod.lora_B["default"].weight.copy_(q.lora_b)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.half()  # float16-exact already (balanced_factors): stored as counted, 2 bytes each
     out = Path(out_dir)
     peft_model.save_pretrained(out)
     return out

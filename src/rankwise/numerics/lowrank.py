@@ -86,6 +86,27 @@ class LowRankFit:
         a, b = self.factors(k)
         return b @ a
 
+    def balanced_factors(self, k: int, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
+        """(A [k, in], B [out, k]) float32 with B·A ≈ W_k, σ split evenly (A = diag(√σ)·VᵀS⁻¹, B = U·diag(√σ),
+        so neither factor's range dwarfs the other's), rounded to values `dtype` holds exactly: a float16
+        copy of the factors is then lossless, and their storage is 2 bytes per entry."""
+        a, b = self.factors(k)
+        root = self.sigma[:k].clamp_min(0).sqrt()
+        root = torch.where(root > 0, root, torch.ones_like(root))
+        a, b = a * root[:, None], b / root[None, :]
+        return a.to(dtype).float(), b.to(dtype).float()
+
+    def output_errors(self, gram: Tensor) -> Tensor:
+        """[r + 1]: tr((W − W_k)·G·(W − W_k)ᵀ) for every k, under any PSD G [in, in] (e.g. the true XᵀX/n
+        when this fit was weighted by something else, as plain SVD or ASVD are). Exact when the fit is
+        full-rank (k=None): W − W_k = Σ_{j≥k} u_j σ_j v_jᵀS⁻¹ with orthonormal u_j, so the error is
+        Σ_{j≥k} σ_j² · (v_jᵀS⁻¹ G S⁻ᵀv_j), a cumulative sum."""
+        if self.sigma.shape[0] < min(self.u.shape[0], self.vt_sinv.shape[1]):
+            raise ValueError("output_errors needs the full fit (lowrank_fit with k=None): a truncated one lacks the tail")
+        v = self.vt_sinv.to(gram.device, torch.float64)
+        m = ((v @ gram.double()) * v).sum(1)  # [r]: v_jᵀS⁻¹ G S⁻ᵀ v_j
+        return tail_sums(self.sigma.double() * m.clamp_min(0).sqrt())
+
 
 def weighting(gram: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor, int]:
     """(S, S⁻¹, number of floored eigenvalues) with S·Sᵀ = XᵀX, from an eigendecomposition (float64).
@@ -104,6 +125,18 @@ def weighting(gram: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor, int]:
     return q * root[None, :], (q / root[None, :]).T, int(low.sum())
 
 
+def weighted_svdvals(w: Tensor, s: Tensor | None) -> Tensor:
+    """σ of W·S [min(out, in)], descending (S from `weighting`; None: of W): the singular values alone,
+    for error curves, Σ_{j≥k} σ_j² being the rank-k fit's error (far cheaper than the full SVD)."""
+    return torch.linalg.svdvals(w.double() if s is None else w.double() @ s)
+
+
+def tail_sums(sigma: Tensor) -> Tensor:
+    """[r + 1]: Σ_{j≥k} σ_j² for k = 0…r."""
+    tail = torch.flip(torch.cumsum(torch.flip(sigma.double() ** 2, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
 def lowrank_fit(w: Tensor, gram: Tensor | None = None, k: int | None = None, floor: float = 1e-6) -> LowRankFit:
     """The best rank-k approximation of W [out, in] under the output error on calibration inputs X
     (Eckart–Young on W·S, S·Sᵀ = XᵀX = `gram` [in, in]; plain SVD when gram is None), for every k ≤ `k`
@@ -119,7 +152,6 @@ def lowrank_fit(w: Tensor, gram: Tensor | None = None, k: int | None = None, flo
         ws = w @ s
     u, sigma, vh = torch.linalg.svd(ws, full_matrices=False)
     r = sigma.shape[0] if k is None else min(k, sigma.shape[0])
-    tail = torch.flip(torch.cumsum(torch.flip(sigma**2, [0]), 0), [0])  # tail[j] = Σ_{i≥j} σ_i²
-    errors = torch.cat([tail, tail.new_zeros(1)])[: r + 1]
+    errors = tail_sums(sigma)[: r + 1]
     vt = vh[:r] if s_inv is None else vh[:r] @ s_inv
     return LowRankFit(u[:, :r], sigma[:r], vt, errors, 0.0 if gram is None else floor)

@@ -43,6 +43,11 @@ class Grid:
     def width(self, in_features: int) -> int:
         return in_features if self.group_size is None else self.group_size
 
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage per weight: the code plus its group's float16 scale (and b-bit zero point if asymmetric)."""
+        per_group = 16 + (0 if self.symmetric else self.bits)
+        return self.bits + per_group * self.groups(in_features) / in_features
+
 
 def check_grid(grid: Grid, in_features: int, where: str) -> None:
     """ValueError naming `where` if the grid cannot quantize a layer of this input width."""

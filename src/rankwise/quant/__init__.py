@@ -29,12 +29,32 @@ class QuantConfig(StrictModel):
         "none", description="low-rank compensation of each layer's quantization error: lorc (plain SVD of the error, "
                             "ZeroQuant-V2) or eora (weighted by the inputs' XᵀX, needs calibration)")
     compensate_rank: int = Field(16, ge=1, description="rank of the compensation term (capped at a layer's size)")
+    bits_pattern: dict[str, int] = Field({}, description="per-layer bits overriding `bits` (full module names; "
+                                                         "mixed precision and the planner fill it)")
+    rank_pattern: dict[str, int] = Field({}, description="per-layer compensation ranks overriding compensate_rank "
+                                                         "(0: no compensation for that layer)")
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
         if not MIN_BITS <= v <= MAX_BITS:
             raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, not {v}")
+        return v
+
+    @field_validator("bits_pattern")
+    @classmethod
+    def _bits_pattern(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: b for k, b in v.items() if not MIN_BITS <= b <= MAX_BITS}
+        if bad:
+            raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}: {bad}")
+        return v
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _rank_pattern(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if r < 0}
+        if bad:
+            raise ValueError(f"compensation ranks must be ≥ 0: {bad}")
         return v
 
     @field_validator("group_size")
@@ -47,6 +67,14 @@ class QuantConfig(StrictModel):
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.group_size, self.symmetric)
+
+    def grid_for(self, name: str) -> Grid:
+        """The grid of layer `name`: `bits_pattern`'s bits if it names the layer, else `bits`."""
+        return Grid(self.bits_pattern.get(name, self.bits), self.group_size, self.symmetric)
+
+    def rank_for(self, name: str) -> int:
+        """The compensation rank of layer `name` (0: none)."""
+        return 0 if self.compensate == "none" else self.rank_pattern.get(name, self.compensate_rank)
 
 
 class Quantizer(Protocol):

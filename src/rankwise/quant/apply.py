@@ -60,10 +60,13 @@ class Context:
     """What a quantizer needs about the model being quantized; it records each replaced layer."""
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, report: QuantReport, stats: Stats | None = None):
-        self.model, self.cfg, self.grid, self.report, self.stats = model, cfg, cfg.grid, report, stats
+        self.model, self.cfg, self.report, self.stats = model, cfg, report, stats
         self._t = time.perf_counter()
         self._hessians: dict[str, Tensor] = {}
         self.cache = False  # QuantLinears keep their float weight until the pass ends (quantize clears it)
+
+    def grid(self, name: str):
+        return self.cfg.grid_for(name)
 
     def linear(self, name: str) -> nn.Linear:
         return self.model.get_submodule(name)
@@ -88,15 +91,16 @@ class Context:
         the inputs by (AWQ), so the layer is compared as it acts on the original inputs."""
         lin = self.linear(name)
         ref = (lin.weight if reference is None else reference).detach().float()
-        q = QuantLinear(codes, scale, zero, self.grid, lin.bias, input_scale, dtype=lin.weight.dtype)
+        q = QuantLinear(codes, scale, zero, self.grid(name), lin.bias, input_scale, dtype=lin.weight.dtype)
         w_hat = q.weight.float() if folded is None else q.weight.float() / folded[None, :]
         h = self.hessian(name)
         # relative to ‖WX‖² (output) or ‖W‖² (weight), computed once for both errors
         norm = max(output_error(ref, torch.zeros_like(ref), h) if h is not None else float((ref**2).sum()), 1e-30)
         err, kind = self._error(ref, w_hat, h) / norm, ("output" if h is not None else "weight")
         after = None
-        if self.cfg.compensate != "none":
-            correction = self._compensate(q, ref - w_hat, h, folded)
+        rank = self.cfg.rank_for(name)
+        if rank > 0:
+            correction = self._compensate(q, ref - w_hat, h, folded, rank)
             after = self._error(ref, w_hat + correction, h) / norm
         set_module(self.model, name, q)
         q.cache_weight_(self.cache)
@@ -110,15 +114,18 @@ class Context:
         """‖(W − Ŵ)X‖² on the calibration inputs, or ‖W − Ŵ‖² without them."""
         return output_error(ref, w_hat, h) if h is not None else float(((ref - w_hat) ** 2).sum())
 
-    def _compensate(self, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None) -> Tensor:
+    def _compensate(self, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None, rank: int) -> Tensor:
         """Fit B·A to the rounding error W − Ŵ [out, in] (as the layer acts on the original inputs):
         weighted by XᵀX (EoRA) or not (LoRC); give it to q; return B·A in those input coordinates."""
         fit = lowrank_fit(error, h if self.cfg.compensate == "eora" else None,
-                          k=min(self.cfg.compensate_rank, *error.shape))
-        a, b = fit.factors(fit.sigma.shape[0])
+                          k=min(rank, *error.shape))
+        k = fit.sigma.shape[0]
+        # float16-exact factors: what bits_per_weight counts (16 bits each) is what a float16 copy holds.
         # With a folded AWQ scale the layer reads x/s, so A·x = (A·diag(s))·(x/s).
-        q.compensate_(a * folded[None, :] if folded is not None else a, b)
-        return (b @ a).float()
+        a, b = fit.balanced_factors(k) if folded is None else \
+            [t.half().float() for t in (fit.factors(k)[0] * folded[None, :], fit.factors(k)[1])]
+        q.compensate_(a, b)
+        return (b @ (a if folded is None else a / folded[None, :])).float()
 
 
 def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
@@ -140,7 +147,7 @@ def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
     for n in names:
         w = model.get_submodule(n).weight
         try:
-            check_grid(cfg.grid, w.shape[1], n)
+            check_grid(cfg.grid_for(n), w.shape[1], n)
         except ValueError as e:
             raise QuantError(str(e)) from None
         if not torch.isfinite(w).all():
@@ -190,6 +197,22 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
         raise QuantError(f"{method} needs calibration batches (rankwise.load_data); only rtn is data-free")
     check_model(model, cfg.targets, cfg)
     report = QuantReport(method, cfg.model_dump())
+    t = time.perf_counter()
+    try:
+        stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, progress=progress,
+                          step=quant_step(model, quantizer, cfg, report),
+                          true_sequential=getattr(cfg, "true_sequential", False))
+    finally:
+        for q in quantized_layers(model).values():
+            q.cache_weight_(False)
+    report.seconds = time.perf_counter() - t
+    report.tokens = max(st.n for st in stats.layers.values())
+    return report
+
+
+def quant_step(model: nn.Module, quantizer, cfg: QuantConfig, report: QuantReport):
+    """calibrate's per-block step that quantizes the given targets (spending their XᵀX); after the pass,
+    call `q.cache_weight_(False)` on every quantized layer (as quantize does)."""
 
     def step(group_names: list[str], stats: Stats) -> None:
         for q in quantized_layers(model).values():  # earlier blocks have fed theirs: drop their float copies
@@ -201,13 +224,4 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
             if n in stats.layers:
                 stats.layers[n].m2 = None
 
-    t = time.perf_counter()
-    try:
-        stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, step=step, progress=progress,
-                          true_sequential=getattr(cfg, "true_sequential", False))
-    finally:
-        for q in quantized_layers(model).values():
-            q.cache_weight_(False)
-    report.seconds = time.perf_counter() - t
-    report.tokens = max(st.n for st in stats.layers.values())
-    return report
+    return step

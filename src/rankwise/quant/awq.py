@@ -37,7 +37,7 @@ class AWQ:
         for group in reversed(groups):
             st, h = ctx.stats[group[0]], ctx.hessian(group[0])
             weights = [ctx.linear(n).weight.detach().float() for n in group]
-            s, _ = awq_search(weights, st.abs_mean, h, ctx.grid, cfg.n_grid, cfg.duo_scaling)
+            s, _ = awq_search(weights, st.abs_mean, h, ctx.grid(group[0]), cfg.n_grid, cfg.duo_scaling)
             source = fold_source(ctx.model, group)
             if source is not None:
                 fold_(ctx.model, source, s)
@@ -53,7 +53,7 @@ class AWQ:
             for name in group:
                 w = ctx.linear(name).weight.detach().float()
                 ws = w * s[None, :]
-                clip = clip_search(ws, h_scaled, ctx.grid, cfg.n_grid, cfg.max_shrink) if cfg.clip else 1.0
+                clip = clip_search(ws, h_scaled, ctx.grid(name), cfg.n_grid, cfg.max_shrink) if cfg.clip else 1.0
                 explicit = not folded and mode.startswith("explicit")
-                ctx.replace(name, *rtn(ws, ctx.grid, clip), input_scale=s if explicit else None,
+                ctx.replace(name, *rtn(ws, ctx.grid(name), clip), input_scale=s if explicit else None,
                             folded=s if folded else None, reference=w, note=mode)

@@ -42,15 +42,23 @@ class GPTQ:
                               f"the Hessian XᵀX is singular; at least {h.shape[0]} tokens are needed (better: several "
                               f"times that). Dampening was raised from {cfg.damp:g} to {damp:g} to keep it invertible.",
                               stacklevel=2)
-            # Rows are independent given H: one sweep over the stacked weights of the group (q/k/v: 3 → 1).
-            weights = [ctx.linear(n).weight.detach() for n in group]
-            try:
-                res = gptq(torch.cat(weights), h, ctx.grid, damp=damp, block_size=cfg.block_size,
-                           act_order=cfg.act_order)
-            except ValueError as e:
-                raise QuantError(f"{', '.join(group)}: {e}; check the calibration data reaching these layers") from None
-            if res.damp != damp:
-                note = (note + "; " if note else "") + f"H + λI did not factor: damp raised to {res.damp:g}"
-            rows = [w.shape[0] for w in weights]
-            for name, c, sc, z in zip(group, res.codes.split(rows), res.scale.split(rows), res.zero.split(rows)):
-                ctx.replace(name, c, sc, z, note=note)
+            # Rows are independent given H: one sweep over the stacked weights of the layers that share
+            # the input and the grid (q/k/v: 3 → 1; with mixed precision, one per bit width).
+            by_grid: dict = {}
+            for n in group:
+                by_grid.setdefault(ctx.grid(n), []).append(n)
+            for grid, names in by_grid.items():
+                self._sweep(ctx, names, h, grid, damp, note, cfg)
+
+    @staticmethod
+    def _sweep(ctx, names: list[str], h, grid, damp: float, note: str, cfg: GPTQConfig) -> None:
+        weights = [ctx.linear(n).weight.detach() for n in names]
+        try:
+            res = gptq(torch.cat(weights), h, grid, damp=damp, block_size=cfg.block_size, act_order=cfg.act_order)
+        except ValueError as e:
+            raise QuantError(f"{', '.join(names)}: {e}; check the calibration data reaching these layers") from None
+        if res.damp != damp:
+            note = (note + "; " if note else "") + f"H + λI did not factor: damp raised to {res.damp:g}"
+        rows = [w.shape[0] for w in weights]
+        for name, c, sc, z in zip(names, res.codes.split(rows), res.scale.split(rows), res.zero.split(rows)):
+            ctx.replace(name, c, sc, z, note=note)

@@ -66,9 +66,8 @@ class QuantLinear(nn.Module):
     @property
     def bits_per_weight(self) -> float:
         """Storage per weight: the code plus its group's float16 scale (and zero point if asymmetric)."""
-        per_group = 16 + (0 if self.grid.symmetric else self.grid.bits)
         low_rank = 0 if self.lora_a is None else 16 * self.lora_a.shape[0] * (self.in_features + self.out_features)
-        return self.grid.bits + per_group * self.scale.shape[1] / self.in_features + low_rank / self.codes.numel()
+        return self.grid.bits_per_weight(self.in_features) + low_rank / self.codes.numel()
 
     def extra_repr(self) -> str:
         g = self.grid

@@ -19,4 +19,4 @@ class RTN:
     def quantize_groups(self, ctx, groups, cfg: RTNConfig) -> None:
         for group in groups:
             for name in group:
-                ctx.replace(name, *rtn(ctx.linear(name).weight.detach(), ctx.grid))
+                ctx.replace(name, *rtn(ctx.linear(name).weight.detach(), ctx.grid(name)))
