@@ -14,8 +14,10 @@ SVD factors and dense layers in float16). Embeddings and norms are the same for 
 (b) GPTQ W3g64 and W2g32, alone and + LoRC / EoRA at ranks 8/16/32;
 (c) mixed precision (GPTQ, bits from {2, 3, 4, 8}, group 64) at 3.5 and 2.5 average bits vs uniform GPTQ
     W3g32 (3.5 bits) and W2g32 (2.5 bits), the same size;
-(d) the joint planner (bits {2, 3, 4, 8} g64 × EoRA ranks {0, 8, 16, 32} × SVD-LLM ranks) at 3 budgets vs
-    the best single method at no more bytes.
+(d) the joint planner (bits {2, 3, 4, 8} g64 × EoRA ranks {0, 8, 16, 32}; `joint+svd`: × SVD-LLM ranks too)
+    at 3 budgets vs the best single method at no more bytes.
+Records of (a) and (b) may come from an earlier run of the same script (resumed); a record is rerun by
+deleting its key from the JSON.
 """
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def _plan(model, batches, **opts):
 def evaluate_all(res: Results, tag: str, base, batches, names, score, budgets) -> None:
     if not res.has(f"{tag}/fp"):
         res.put(f"{tag}/fp", {**score(base), "bytes": linear_bytes(base, names)})
-    todo = runs() + [(f"joint/{mb:g}MB", lambda mod, b, mb=mb: _plan(mod, b, budget=mb * 1e6, ranks=[0, 8, 16, 32],
-                                                                      svd=True)) for mb in budgets]
+    todo = runs() + [(f"{name}/{mb:g}MB", lambda mod, b, mb=mb, svd=svd: _plan(mod, b, budget=mb * 1e6,
+                                                                                 ranks=[0, 8, 16, 32], svd=svd))
+                     for name, svd in (("joint", False), ("joint+svd", True)) for mb in budgets]
     for key, fn in todo:
         if res.has(f"{tag}/{key}"):
             continue
@@ -168,9 +171,11 @@ def minilm(res: Results, args) -> None:
 
 
 def family(key: str) -> str:
+    """The curve a record belongs to: uniform GPTQ grids, one curve per grid + compensation kind, or the method."""
     k = key.split("/", 1)[1]
     if k.startswith("gptq/"):
-        return "gptq" + ("+" + k.split("+")[1].rstrip("0123456789") if "+" in k else "")
+        grid, _, comp = k.split("/")[1].partition("+")
+        return f"gptq {grid} + {comp.rstrip('0123456789')} r8/16/32" if comp else "gptq, uniform grids"
     return k.split("/")[0]
 
 
@@ -186,7 +191,8 @@ def targets(res: Results) -> dict:
     if None not in (fp, q, e):
         out["eora32_gap_closed_W3g64"] = {"gap_closed": (q - e) / (q - fp), "holds": (q - e) / (q - fp) >= 0.3}
     singles = [(v["bytes"], v["perplexity"], k) for k, v in r.items()
-               if k.startswith("smollm2/") and "perplexity" in v and family(k) not in ("joint",) and not k.endswith("/fp")]
+               if k.startswith("smollm2/") and "perplexity" in v and family(k) not in ("joint", "joint+svd")
+               and not k.endswith("/fp")]
     planner = {}
     for k, v in r.items():
         if k.startswith("smollm2/joint/") and "perplexity" in v:
@@ -211,11 +217,13 @@ def plot(res: Results) -> None:
     for k, v in r.items():
         if k.startswith("smollm2/") and "perplexity" in v and not k.endswith("/fp"):
             fams.setdefault(family(k), []).append((v["bytes"] / 1e6, v["perplexity"]))
-    style = {"joint": dict(marker="*", ms=11, color="k", zorder=5), "mixed": dict(marker="D", color="C4")}
-    for i, (f, pts) in enumerate(sorted(fams.items())):
+    style = {"joint": dict(marker="*", ms=11, color="k"), "joint+svd": dict(marker="*", ms=8, color="0.6"),
+             "mixed": dict(marker="D", color="C4")}
+    palette = iter(["C0", "C1", "C2", "C3", "C5", "C6", "C8", "C9", "C7"])
+    for f, pts in sorted(fams.items()):
         pts.sort()
-        ax.plot(*zip(*pts), "-" if f not in ("joint", "mixed") else ":", marker=style.get(f, {}).get("marker", "o"),
-                ms=style.get(f, {}).get("ms", 4), color=style.get(f, {}).get("color", f"C{i % 10}"), label=f)
+        ax.plot(*zip(*pts), ":" if f in ("joint", "joint+svd", "mixed") else "-", marker=style.get(f, {}).get("marker", "o"),
+                ms=style.get(f, {}).get("ms", 4), color=style[f]["color"] if f in style else next(palette), label=f)
     if "smollm2/fp" in r:
         fp = r["smollm2/fp"]
         ax.axhline(fp["perplexity"], color="gray", ls="--", lw=1, label=f"fp ({fp['bytes'] / 1e6:.0f} MB in fp16)")

@@ -277,6 +277,15 @@ def test_mixed_precision_meets_the_average_bits_and_applies_the_plan():
             assert sum(c.predicted for c in report.layers.values()) <= err + 1e-12
 
 
+def test_the_lowest_width_is_held_back_while_the_budget_allows():
+    batches = calib()
+    held = mixed_precision(tiny_llama(), batches, avg_bits=3.7, group_size=32, progress=False)  # 3-bit g32: 3.5
+    assert min(c.bits for c in held.layers.values()) >= 3
+    free = mixed_precision(tiny_llama(), batches, avg_bits=3.7, group_size=32, lowest_bits_last=False, progress=False)
+    # without the rule the knapsack is free to use 2 bits, and on its own objective it does at least as well
+    assert sum(c.predicted for c in free.layers.values()) <= sum(c.predicted for c in held.layers.values()) + 1e-12
+
+
 def test_joint_planner_meets_a_byte_budget_with_compensation_and_svd():
     model = tiny_llama()
     budget = 24000

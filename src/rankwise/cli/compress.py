@@ -186,8 +186,8 @@ def _size_plot(out: Path, s: dict) -> str:
     if s["curve"]:
         xs, ys = zip(*s["curve"])
         ax.loglog([x / 1e6 for x in xs], ys, "-", color="C0", label="planner, predicted")
-    for bits, b, e in s["uniform"]:
-        ax.loglog(b / 1e6, e, "s", color="C2", ms=5)
+    for j, (bits, b, e) in enumerate(s["uniform"]):
+        ax.loglog(b / 1e6, e, "s", color="C2", ms=5, label="uniform grids, predicted" if j == 0 else None)
         ax.annotate(f"W{bits}", (b / 1e6, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.loglog(s["bytes"] / 1e6, s["predicted"], "o", color="C0", label="chosen, predicted")
     if s["measured"] is not None:
