@@ -39,7 +39,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 import rankwise as rw  # noqa: E402
-from quantize import Results, ppl  # noqa: E402  (the same result file logic and perplexity setup)
+from quantize import Results, minilm_setup, ppl  # noqa: E402  (the same result file logic and perplexity setup)
 from rankwise.compress import compress, compress_planned, lowrank_layers  # noqa: E402
 from rankwise.data.sources import read_stream  # noqa: E402
 from rankwise.quant import quantize, quantized_layers  # noqa: E402
@@ -135,32 +135,10 @@ def smollm2(res: Results, args) -> None:
 
 
 def minilm(res: Results, args) -> None:
-    import csv
-
-    data = HERE.parent.parent / "shared" / "data" / "sst2"
-    if not data.exists():
-        print(f"MiniLM part skipped: {data} not found", flush=True)
+    setup = minilm_setup(args)
+    if setup is None:
         return
-    base, tok = rw.load_model("minilm")
-
-    def sentences(f):
-        with open(data / f, newline="") as fh:
-            return [r["sentence"] for r in csv.DictReader(fh, delimiter="\t")]
-
-    train, dev = sentences("train.tsv")[: args.n], sentences("dev.tsv")
-    enc = tok(train, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-    batches = [{k: enc[k][i:i + 8] for k in ("input_ids", "attention_mask")} for i in range(0, len(train), 8)]
-
-    def embed(model):
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(dev), 64):
-                e = tok(dev[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-                h = model(**e).last_hidden_state
-                m = e["attention_mask"].unsqueeze(-1).float()
-                out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-        return torch.cat(out)
-
+    base, batches, embed = setup
     ref = embed(base)
 
     def score(model):

@@ -155,13 +155,15 @@ def llama_cpp_check(model, tok, stream, name) -> dict:
                      "rel_diff": theirs["ppl"] / ours["ppl"] - 1}}
 
 
-def minilm(res: Results, args) -> None:
+def minilm_setup(args):
+    """(model, batches, embed) for the MiniLM part, or None without ../shared/data/sst2: 32 SST-2 train
+    sentences (64 tokens) to calibrate; embed(model) = mean-pooled, normalized embeddings of the 872 dev ones."""
     import csv
 
     data = HERE.parent.parent / "shared" / "data" / "sst2"
     if not data.exists():
         print(f"MiniLM part skipped: {data} not found", flush=True)
-        return
+        return None
     base, tok = rw.load_model("minilm")
 
     def sentences(f):
@@ -182,6 +184,14 @@ def minilm(res: Results, args) -> None:
                 out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
         return torch.cat(out)
 
+    return base, batches, embed
+
+
+def minilm(res: Results, args) -> None:
+    setup = minilm_setup(args)
+    if setup is None:
+        return
+    base, batches, embed = setup
     ref = embed(base)
     fwd = timed_forward(base, batches)
     for bits, group in GRIDS:
