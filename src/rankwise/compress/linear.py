@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.linear import set_module
+from ..quant.linear import replace_by_linear, set_module
 
 
 class LowRankLinear(nn.Module):
@@ -56,13 +56,8 @@ def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
 def merge_lowrank_(model: nn.Module) -> nn.Module:
     """Replace every LowRankLinear by an nn.Linear holding B·A (in place): a plain dense model."""
     for name, m in lowrank_layers(model).items():
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.up.weight.device,
-                        dtype=m.up.weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(m.weight)
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        set_module(model, name, lin)
+            replace_by_linear(model, name, m.weight, m.bias)
     return model
 
 

@@ -84,14 +84,19 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def replace_by_linear(model: nn.Module, name: str, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """Put a plain nn.Linear holding `weight` [out, in] (its dtype and device) and `bias` in place of `name`."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    set_module(model, name, lin)
+    return lin
+
+
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear by an nn.Linear holding its effective float weight (in place)."""
     for name, q in quantized_layers(model).items():
-        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.codes.device,
-                        dtype=q.compute_dtype)
-        with torch.no_grad():
-            lin.weight.copy_(q.weight)
-            if q.bias is not None:
-                lin.bias.copy_(q.bias)
-        set_module(model, name, lin)
+        replace_by_linear(model, name, q.weight, q.bias)
     return model
