@@ -35,14 +35,27 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
     """Wrap `model` in peft LoRA layers as the plan says (in place) and set A, B from the plan.
 
     Layers with rank 0 get no adapter. A residual layer's base weight becomes W − scale·B·A with the
-    scale peft applies (so the model computes what it did before). Returns the PeftModel.
+    scale peft applies (so the model computes what it did before); a layer whose method re-made its
+    compressed base (LoftQ) gets that module first. Compressed linears (QuantLinear, LowRankLinear) are
+    wrapped by peft's LoRA layer too and stay frozen. Returns the PeftModel.
     """
     from peft import get_peft_model
 
     missing = [n for n, lp in plan.active().items() if lp.lora_A is None]
     if missing:
         raise PlanError(f"the plan has no initial weights for {missing[:3]} (a plan loaded from JSON holds no tensors)")
-    peft_model = get_peft_model(model, lora_config(plan, **lora_kwargs), adapter_name=adapter_name)
+    from .peft_layers import register_compressed
+    from .quant.linear import set_module
+
+    for name, lp in plan.active().items():
+        if lp.residual and not isinstance(model.get_submodule(name), nn.Linear):
+            kind = type(model.get_submodule(name)).__name__
+            raise PlanError(f"{plan.method} changes the base weight, but {name} is a {kind} (a compressed base "
+                            "whose weights stay frozen); on a quantized base use loftq or compensation")
+        if lp.new_base is not None:  # the method re-made the compressed base (LoftQ's codes)
+            set_module(model, name, lp.new_base)
+    config = register_compressed(lora_config(plan, **lora_kwargs), model)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     base = peft_model.base_model.model
     for name, lp in plan.active().items():
         layer = base.get_submodule(name)

@@ -15,9 +15,22 @@ from .errors import TargetError
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear in the model, by qualified name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a compressed linear of rankwise's (QuantLinear, LowRankLinear: `rankwise_linear = True`)."""
+    return isinstance(module, nn.Linear) or getattr(module, "rankwise_linear", False)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer in the model, by qualified name, in module order: nn.Linear and rankwise's
+    compressed linears, these as one layer each (a LowRankLinear's own two factors are not listed)."""
+    found: dict[str, nn.Module] = {}
+    inside: tuple[str, ...] = ()  # prefixes of compressed linears seen (named_modules visits parents first)
+    for n, m in model.named_modules():
+        if is_linear(m) and not n.startswith(inside):
+            found[n] = m
+            if getattr(m, "rankwise_linear", False):
+                inside += (f"{n}.",)
+    return found
 
 
 def _head_names(model: nn.Module) -> set[str]:
@@ -76,7 +89,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
             if bad and not any(n in linears for n in hits):
                 kind = type(modules[bad[0]]).__name__
                 raise TargetError(
-                    f"target {key!r} matches {bad[0]!r}, a {kind}; rankwise adapts nn.Linear layers only"
+                    f"target {key!r} matches {bad[0]!r}, a {kind}; rankwise adapts linear layers only"
                 )
     if not found:
         raise TargetError(

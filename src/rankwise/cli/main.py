@@ -242,7 +242,7 @@ _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_da
                 "seq_len": "data.seq_len", "seed": "train.seed", "text_field": "data.text_field", "label_field": "data.label_field",
                 "prompt_field": "data.prompt_field", "completion_field": "data.completion_field",
                 "messages_field": "data.messages_field", "max_eval_examples": "data.max_eval_examples",
-                "eval_every": "train.eval_every", "out": "out", "device": "device", "merge": "merge"}
+                "eval_every": "train.eval_every", "out": "out", "device": "device", "merge": "merge", "base": "base.method"}
 _FIELD_HELP = {
     "text": "Field/column holding plain text in .jsonl/.json/.csv/.tsv records (default 'text').",
     "prompt": "Field holding the prompt (context only; not scored), e.g. 'question' for GSM8K (default 'prompt').",
@@ -281,6 +281,8 @@ def train(
     device: Optional[str] = typer.Option(None, help="Torch device."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Also write merged/ (adapter folded into the weights)."),
     init_opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --init-opt niter=4 (sets init.KEY)."),
+    base: Optional[str] = typer.Option(None, help="Compress the frozen base first (QLoRA-style): a quantizer (rtn, gptq, awq) or an SVD method (svd, asvd, svd-llm); default none. Inits loftq, loftq-aw and compensation start from its error."),
+    base_opt: Optional[list[str]] = typer.Option(None, help="An option of --base as KEY=VALUE (repeatable), e.g. --base-opt bits=3 --base-opt group_size=64, or --base-opt ratio=0.8."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint, with the config saved there (other flags must agree with it)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -296,6 +298,7 @@ def train(
     if "out" in overrides:
         overrides["out"] = str(overrides["out"])
     overrides |= {f"init.{k}": v for k, v in _init_opts(init_opt).items()}
+    overrides |= {f"base.{k}": v for k, v in _init_opts(base_opt, "--base-opt").items()}
     if resume and config is None:
         if out is None:
             raise ConfigError("--resume needs --out DIR, the run folder to continue")

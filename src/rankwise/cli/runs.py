@@ -17,6 +17,7 @@ import yaml
 from pydantic import ConfigDict, Field, model_validator
 
 from ..atomic import write_text
+from ..compress.base import BaseSection
 from ..config import StrictModel
 from ..data.sources import DataConfig, Dataset, batchify, load_dataset
 from ..errors import ConfigError, RankwiseError
@@ -81,6 +82,7 @@ class RunConfig(StrictModel):
     out: Path = Path("runs/demo")
     merge: bool = True  # also write merged/ (base + adapter folded in, loadable without peft)
     data: DataConfig = DataConfig()
+    base: BaseSection = BaseSection()  # none: train on the float model; a quantizer or SVD method: QLoRA-style
     init: InitSection = InitSection()
     train: TrainConfig = TrainConfig()
     eval: EvalSection = EvalSection()
@@ -211,14 +213,16 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
         f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
         f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
+    calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
+    originals = _compress_base(model, calib, cfg, out, progress, log)
     stats = None
-    if keep is not None:  # data-free methods skip calibration entirely
-        calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
+    if keep is not None:  # data-free methods skip calibration entirely; on a compressed base, its own activations
         stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
                           progress=progress)
     options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
                              whiten=cfg.init.whiten, seed=cfg.train.seed) | cfg.init.method_options()
-    p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, **options)
+    p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, originals=originals, **options)
+    del originals
     p.save(out / "plan.json")
     extra = {"modules_to_save": head_modules(model)} if cfg.task == "seq-cls" else {}
     model = adapt_(model, p, **extra)
@@ -238,9 +242,44 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     summary = {"before": before, "after": after, "steps": result.step, "seconds": time.perf_counter() - t0,
                "train_examples": len(train_ds.examples), "eval_examples": len(eval_ds.examples),
                "truncated": train_ds.truncated + eval_ds.truncated, "labels": labels}
+    if cfg.base.method != "none":
+        summary["base"] = _export_compressed(model, tok, eval_ds, cfg, out, log)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
     return summary
+
+
+def _compress_base(model, calib, cfg: RunConfig, out: Path, progress: bool, log) -> dict | None:
+    """Compress the base in place as `base:` says (None when it says none); the float weights it was made from."""
+    if cfg.base.method == "none":
+        return None
+    from ..compress.base import compress_base
+
+    t = time.perf_counter()
+    report, originals = compress_base(model, calib, cfg.base.method, progress=progress, **cfg.base.options())
+    write_text(out / "base.json", json.dumps(report.to_dict(), indent=2, default=str))
+    log(f"base: {cfg.base.method} on {len(originals)} layers in {time.perf_counter() - t:.1f}s (frozen; report base.json)")
+    return originals
+
+
+def _export_compressed(model, tok, eval_ds: Dataset, cfg: RunConfig, out: Path, log) -> dict:
+    """The frozen base (compressed-tensors or factored) in base/, and for a quantized base the merged model
+    quantized again on its grids in requantized/, with its held-out metrics and weight errors."""
+    from ..export.qlora import export_base, export_requantized
+    from ..quant.linear import quantized_layers
+
+    info = {"method": cfg.base.method, "folder": str(export_base(model, out / "base", tok))}
+    if quantized_layers(model.get_base_model()):
+        folder, errors = export_requantized(model, out / "requantized", tok)
+        from ..export.compressed_tensors import load_compensated
+
+        again = held_out_metrics(load_compensated(folder), tok, eval_ds, cfg)
+        info["requantized"] = {"folder": str(folder), "after": again,
+                               "weight_error_mean": sum(errors.values()) / len(errors),
+                               "weight_error_max": max(errors.values())}
+        log(f"merged and quantized again on the base's grids (requantized/): {_fmt(again)}; relative weight error "
+            f"mean {info['requantized']['weight_error_mean']:.4f}, max {info['requantized']['weight_error_max']:.4f}")
+    return info
 
 
 def _check_sources(cfg: RunConfig) -> None:

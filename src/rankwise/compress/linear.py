@@ -16,6 +16,8 @@ class LowRankLinear(nn.Module):
     reads `.weight` (evaluation, export) works unchanged.
     """
 
+    rankwise_linear = True  # one linear layer to targets.find_targets (its factors are not targets themselves)
+
     def __init__(self, a: Tensor, b: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         k, n_in = a.shape

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..calib.stats import LayerStats
 from ..config import StrictModel
@@ -40,6 +40,7 @@ class LayerInit:
     B: Tensor
     residual: bool = False
     note: str = ""  # recorded in the plan (e.g. "covariance dampened by 2% of its mean diagonal")
+    base: nn.Module | None = None  # a re-made compressed base for the layer (LoftQ: codes of W − s·B·A)
 
 
 class InitMethod(Protocol):
@@ -48,6 +49,9 @@ class InitMethod(Protocol):
     summary: str  # one line: paper, what it computes
     changes_base: bool
     default_lr: float
+    # True: init() also takes original= (the float weight a compressed base was made from) and module= (the
+    # compressed layer itself), for the methods that start from the compression error (loftq, compensation).
+    needs_original: bool
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
         """Scores [m ≤ cap], descending, for the allocation to rank across layers."""

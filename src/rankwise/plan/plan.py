@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -16,6 +16,9 @@ from ..errors import ConfigError, PlanError
 from ..methods import get_init, scaling
 from ..calib.stats import Stats
 from ..targets import find_targets
+
+
+TENSORS = {"lora_A", "lora_B", "new_base"}  # a LayerPlan's fields that plan.json does not hold
 
 
 @dataclass
@@ -31,10 +34,10 @@ class LayerPlan:
     note: str = ""
     lora_A: Tensor | None = field(default=None, repr=False)
     lora_B: Tensor | None = field(default=None, repr=False)
+    new_base: nn.Module | None = field(default=None, repr=False)  # a re-made compressed base (LoftQ's codes)
 
     def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("lora_A"), d.pop("lora_B")
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in TENSORS}
         d["explained_variance_total"] = float(sum(self.explained_variance))
         return d
 
@@ -71,19 +74,25 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         raw = json.loads(Path(path).read_text())
-        keep = set(LayerPlan.__dataclass_fields__) - {"lora_A", "lora_B"}
+        keep = set(LayerPlan.__dataclass_fields__) - TENSORS
         layers = {n: LayerPlan(**{k: v for k, v in d.items() if k in keep}) for n, d in raw["layers"].items()}
         return cls(raw["method"], raw["config"], layers)
 
 
-def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="all-linear", **options) -> Plan:
+def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="all-linear",
+         originals: dict[str, Tensor] | None = None, **options) -> Plan:
     """Decide rank, alpha and initial weights for every module in `stats` (model is read, not changed).
 
     options: the method's config keys (rank, alpha, rho, whiten, …); an unknown key is an error.
     Methods that need no data (e.g. "lora") take stats=None and use `targets` instead.
+    originals: the float weights a compressed base was made from (`rankwise.qlora.compress_base` returns
+    them), for the methods that start from the compression error (loftq, compensation).
     """
     impl = get_init(method)
     cfg = impl.config.build(where=f"method {method!r}", **options)
+    if getattr(impl, "needs_original", False) and not originals:
+        raise PlanError(f"method {method!r} starts from the compression error W − Q, so it needs the original float "
+                        "weights: compress the base in the same run (a `base:` section; rankwise.qlora.compress_base)")
     if stats is None:
         if impl.needs != "none":
             raise PlanError(f"method {method!r} initializes from data: run calibrate() first and pass its Stats")
@@ -113,15 +122,19 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     else:
         scores = _group_scores(impl, stats, weights, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
+    if getattr(impl, "needs_original", False) and (missing := [n for n in names if n not in originals]):
+        raise PlanError(f"method {method!r}: no original weight for {missing[0]} ({len(missing)} layers in all); "
+                        "originals must hold every targeted layer's float weight")
     layers = {}
     for n in names:
         r = ranks[n]
         a = alpha * r / cfg.rank if getattr(cfg, "adjust_scaling", True) else alpha
         lp = LayerPlan(r, float(a), weights[n].shape[1], weights[n].shape[0], [float(v) for v in scores[n][:r]])
         if r > 0:
-            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora))
+            extra = {"original": originals[n], "module": modules[n]} if getattr(impl, "needs_original", False) else {}
+            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
-            lp.residual, lp.note = li.residual, li.note
+            lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
         layers[n] = lp
     resolved = cfg.model_dump() | {"alpha": alpha}
     return Plan(method, resolved, layers)

@@ -139,6 +139,9 @@ def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
     for mname, m in model.named_modules():
         if isinstance(m, QuantLinear):
             raise QuantError(f"{mname} is already quantized by rankwise; call rankwise.quant.dequantize_(model) first")
+        if getattr(m, "rankwise_linear", False):
+            raise QuantError(f"{mname} is a {type(m).__name__} (low-rank factors); quantize the original model, "
+                             "or compress with `rankwise compress --method joint`, which plans bits and ranks together")
         tool = _FOREIGN.get(type(m).__name__)
         if tool is not None:
             raise QuantError(f"{mname} is a {type(m).__name__}: this model is already quantized by {tool}; "

@@ -9,6 +9,22 @@ from torch import Tensor, nn
 from ..numerics.quantize import Grid, dequantize
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b for a frozen weight computed by `module.weight`, saving nothing for backward but the
+    module: the backward pass dequantizes again (as QLoRA does) instead of keeping every layer's float
+    weight alive between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: nn.Module) -> Tensor:
+        ctx.module = module
+        bias = None if module.bias is None else module.bias.to(x.dtype)
+        return F.linear(x, module.weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.module.weight.to(grad.dtype), None
+
+
 class QuantLinear(nn.Module):
     """y = x·Wᵀ + b with W = (q − z)·s (per row and group) · diag(1/input_scale) [+ B·A, a compensation].
 
@@ -16,7 +32,10 @@ class QuantLinear(nn.Module):
     [out, groups] uint8, `input_scale` [in] float32 or None (AWQ's per-channel scale when no earlier
     op could absorb it: the stored grid holds W·diag(input_scale)). `bias` stays a frozen parameter.
     `weight` is the effective float weight, computed on access, so code that reads `.weight` works.
+    Nothing in it is trained: an adapter on top learns, the codes stay as they are (QLoRA).
     """
+
+    rankwise_linear = True  # a linear layer to targets.find_targets, one that peft wraps through peft_layers
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, grid: Grid, bias: Tensor | None = None,
                  input_scale: Tensor | None = None, dtype: torch.dtype = torch.float32):
@@ -60,6 +79,8 @@ class QuantLinear(nn.Module):
         return w.to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad and self._cached is None:
+            return _FrozenLinear.apply(x, self)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -84,13 +105,19 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def replace_by_linear(model: nn.Module, name: str, weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """Put a plain nn.Linear holding `weight` [out, in] (its dtype and device) and `bias` in place of `name`."""
+def plain_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `weight` [out, in] (its dtype and device) and `bias`."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
             lin.bias.copy_(bias)
+    return lin
+
+
+def replace_by_linear(model: nn.Module, name: str, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """Put a plain nn.Linear holding `weight` [out, in] (its dtype and device) and `bias` in place of `name`."""
+    lin = plain_linear(weight, bias)
     set_module(model, name, lin)
     return lin
 

@@ -237,8 +237,12 @@ def _trim_metrics(path: Path, step: int) -> list[dict]:
 
 def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, tokenizer,
           run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          resume_hint: str = "") -> TrainResult:
-    """Train the model's trainable parameters (adapters, heads) for cfg.steps optimizer steps."""
+          resume_hint: str = "", loss_fn=None) -> TrainResult:
+    """Train the model's trainable parameters (adapters, heads, factors) for cfg.steps optimizer steps.
+
+    loss_fn(model, batch) → (summed loss, count): the objective (default: the task's cross-entropy;
+    PELA's recovery passes its distillation losses), summed over the tokens the task's loss scores
+    (labels[:, 1:] != -100 for causal LM); each step minimizes Σ loss / Σ count."""
     device = next(model.parameters()).device
     params = _trainable(model)
     if not params:
@@ -266,7 +270,7 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     with _Interrupts() as interrupts:
         try:
             while step < cfg.steps:
-                micro, count, loss_sum = _forward_backward(model, train_ds, tokenizer, cfg, step, device)
+                micro, count, loss_sum = _forward_backward(model, train_ds, tokenizer, cfg, step, device, loss_fn)
                 # From the update to the checkpoint, state and step count change together or not at all.
                 with interrupts.critical():
                     row = _update(opt, sched, params, cfg, step, count, loss_sum, micro)
@@ -302,15 +306,16 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     return result
 
 
-def _forward_backward(model, ds, tokenizer, cfg, step, device) -> tuple[list[dict], int, float]:
-    """Gradients of optimizer step `step`'s micro-batches (loss normalized by the step's scored count)."""
+def _forward_backward(model, ds, tokenizer, cfg, step, device, loss_fn=None) -> tuple[list[dict], int, float]:
+    """Gradients of optimizer step `step`'s micro-batches (loss normalized by the step's scored count; a
+    custom loss_fn scores the same tokens as the task's loss, so the count is known before the forwards)."""
     micro = [_micro_batch(ds, tokenizer, cfg, step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
     micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
     count = sum(_count(b, ds.task) for b in micro)
     model.zero_grad(set_to_none=True)
     total = 0.0
     for b in micro:
-        loss, _ = loss_terms(model, b, ds.task)
+        loss, _ = loss_fn(model, b) if loss_fn is not None else loss_terms(model, b, ds.task)
         (loss / max(count, 1)).backward()
         total += float(loss.detach())
     return micro, count, total

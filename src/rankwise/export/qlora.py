@@ -1,0 +1,61 @@
+"""What a run on a compressed base writes besides the adapter: the frozen base itself (compressed-tensors
+for a quantized one, a factored folder for an SVD one) and the merged model quantized again on the
+base's grids, with the error that costs."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from ..compress.folder import save_factored
+from ..compress.linear import lowrank_layers
+from ..numerics.quantize import dequantize, rtn
+from ..peft_layers import materialize_bases_
+from ..quant.linear import QuantLinear, quantized_layers, set_module
+from .compressed_tensors import export_compressed_tensors
+
+
+def unloaded_base(peft_model):
+    """A copy of the model under the adapter, the LoRA layers removed (not merged)."""
+    return copy.deepcopy(peft_model).unload()
+
+
+def export_base(peft_model, out: str | os.PathLike, tokenizer=None) -> Path | None:
+    """Write the compressed base: compressed-tensors (quantized) or factored (SVD); None for a float base.
+    The adapter folder then loads on it with peft (`load_compensated(out)`, then PeftModel.from_pretrained)."""
+    base = unloaded_base(peft_model)
+    if quantized_layers(base):
+        return export_compressed_tensors(base, out, tokenizer)
+    if lowrank_layers(base):
+        return save_factored(base, out, tokenizer)
+    return None
+
+
+@torch.no_grad()
+def requantize(peft_model) -> tuple[torch.nn.Module, dict[str, float]]:
+    """The merged model (adapter folded into the effective weights) rounded again onto each quantized layer's
+    grid (RTN, fresh scales): (that model, {layer: ‖W_merged − Q‖_F / ‖W_merged‖_F})."""
+    grids = {n.removesuffix(".base_layer"): q for n, q in quantized_layers(peft_model.get_base_model()).items()}
+    merged = copy.deepcopy(peft_model)
+    materialize_bases_(merged)
+    merged = merged.merge_and_unload()
+    errors = {}
+    for name, q in grids.items():
+        lin = merged.get_submodule(name)
+        w = lin.weight.detach().float()
+        col = None if q.input_scale is None else q.input_scale.float()
+        wg = w if col is None else w * col[None, :]
+        codes, scale, zero = rtn(wg, q.grid)
+        w_hat = dequantize(codes, scale, zero) if col is None else dequantize(codes, scale, zero) / col[None, :]
+        errors[name] = float((w - w_hat).norm() / w.norm().clamp_min(1e-30))
+        set_module(merged, name, QuantLinear(codes, scale, zero, q.grid, lin.bias, q.input_scale, q.compute_dtype))
+    return merged, errors
+
+
+def export_requantized(peft_model, out: str | os.PathLike, tokenizer=None) -> tuple[Path, dict[str, float]]:
+    """requantize(), written as compressed-tensors; returns (folder, per-layer relative weight errors)."""
+    model, errors = requantize(peft_model)
+    return export_compressed_tensors(model, out, tokenizer), errors
