@@ -72,6 +72,7 @@ def test_mixed_precision_meets_the_average(tmp_path, tiny_model_dir):
     (("--method", "mixed", "--format", "gguf"), "4- and 8-bit grids of group 32"),
     (("--method", "joint", "--budget", "1MB", "--opt", "group_size=32"), "set by the planner itself"),
     (("--method", "nope"), "method"),
+    (("--method", "mixed", "--recover-steps", "5"), "only for the SVD methods"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, args, message):
     out = tmp_path / "bad"
@@ -87,3 +88,24 @@ def test_help_explains_the_methods():
     assert r.returncode == 0
     for word in ("svd-llm", "--ratio", "--budget", "--avg-bits", "knapsack"):
         assert word in r.stdout, word
+
+
+def test_recovery_after_svd_lowers_the_distillation_loss_and_is_reported(tmp_path, tiny_model_dir):
+    from rankwise.models import load_model
+
+    out = tmp_path / "svdr"
+    r = run("compress", "--model", tiny_model_dir, "--method", "svd-llm", "--ratio", "0.5", "--recover-steps", "6",
+            "--recover-lr", "5e-4", "--eval-tokens", "512", "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    rec = rep["recovery"]
+    assert rec["steps"] == 6 and rec["distill_after"] <= rec["distill_before"]
+    assert rep["perplexity"]["recovered"] == rec["perplexity"] and "after recovery" in r.stdout
+    assert "after recovery" in (out / "report.md").read_text()
+    # what was written is the recovered model: rankwise reloads it with the recovered perplexity
+    from rankwise.train.evaluate import perplexity
+    from rankwise.data.sources import read_stream
+
+    model, tok = load_model(str(out / "model"))
+    stream = read_stream("pydoc", tok, "eval")[:512]
+    assert perplexity(model, stream, window=32, stride=16)["perplexity"] == pytest.approx(rec["perplexity"], rel=1e-4)

@@ -45,6 +45,8 @@ class CompressJob(StrictModel):
     device: str = "cpu"
     out: Path = Path("runs/compress")
     options: dict = {}
+    recover_steps: int = Field(0, ge=0)  # SVD methods: PELA recovery steps after compressing (0: none)
+    recover_lr: float = Field(1e-4, gt=0)
 
 
 def _options(job: CompressJob) -> tuple[callable, dict]:
@@ -107,6 +109,8 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     (SVDConfig if job.method in SVD_METHODS else PlanConfig).build(where=f"rankwise compress --method {job.method}",
                                                                     **opts)
     check_format(job, opts)
+    if job.recover_steps and job.method not in SVD_METHODS:
+        raise ConfigError(f"--recover-steps trains low-rank factors: only for the SVD methods, not {job.method}")
     check_source(job.data)
     t0 = time.perf_counter()
     model, tok = load_model_on(job.model, job.device)
@@ -123,9 +127,17 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     t1 = time.perf_counter()
     before = _held_out_ppl(model, stream, job)
     t2 = time.perf_counter()
+    teacher = None
+    if job.recover_steps:
+        if not causal:
+            raise ConfigError("--recover-steps distils a causal language model; this model is not one")
+        from ..compress.recover import teacher_copy
+
+        teacher = teacher_copy(model)
     report = verb(model, batches, progress=progress, **opts)
     t3 = time.perf_counter()
     after = _held_out_ppl(model, stream, job)
+    recovery = _recover(model, teacher, tok, job, stream, progress, log) if teacher is not None else None
     t4 = time.perf_counter()
     written = {}
     if job.method in SVD_METHODS:
@@ -138,9 +150,32 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     summary = {"kind": "svd" if job.method in SVD_METHODS else "plan", **report.to_dict(),
                "job": json.loads(job.model_dump_json()), "written": written, "seconds_total": seconds,
                "perplexity": {"before": before, "after": after}}
+    if recovery is not None:
+        summary["recovery"] = recovery
+        summary["perplexity"]["recovered"] = recovery["perplexity"]
     write_text(job.out / "report.json", json.dumps(summary, indent=1))
     write_compress_report(job.out, summary)
     return summary
+
+
+def _recover(model, teacher, tok, job: CompressJob, stream, progress: bool, log) -> dict:
+    """PELA recovery of the factors on the job's data (job.recover_steps steps of job.batch_size sequences)."""
+    from ..compress.recover import recover
+    from ..data.sources import DataConfig, load_dataset
+    from ..train.loop import TrainConfig
+
+    data, _ = load_dataset(DataConfig(train=job.data, seq_len=job.seq_len,
+                                      max_train_examples=job.recover_steps * job.batch_size), tok, "causal-lm")
+    t = time.perf_counter()
+    cfg = TrainConfig(steps=job.recover_steps, batch_size=job.batch_size, lr=job.recover_lr,
+                      warmup_steps=min(5, job.recover_steps - 1), save_every=10**9)
+    r = recover(model, teacher, data, tok, cfg, progress=progress)
+    ppl = _held_out_ppl(model, stream, job)
+    log(f"recovery: distillation loss {r.before:.4g} → {r.after:.4g} in {r.steps} steps"
+        + (" (it rose: the factors were put back)" if r.reverted else "")
+        + (f"; held-out perplexity {ppl:.3f}" if ppl is not None else ""))
+    return {"steps": r.steps, "lr": job.recover_lr, "distill_before": r.before, "distill_after": r.after,
+            "reverted": r.reverted, "perplexity": ppl, "seconds": time.perf_counter() - t}
 
 
 def _block_module(name: str) -> tuple[int | None, str]:
@@ -214,8 +249,11 @@ def write_compress_report(out: Path, s: dict) -> None:
                   f"{s['dense_bytes'] / 1e6:.3f} MB); Σ relative output error predicted {s['predicted']:.4g}, "
                   f"measured {s['measured']:.4g}. Written: `{Path(s['written']['model']).name}` ({job['format']}).", ""]
     if ppl["before"] is not None:
-        lines += ["| held-out perplexity | before | after |", "|---|---:|---:|",
-                  f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |", ""]
+        rec = ppl.get("recovered")
+        lines += ["| held-out perplexity | before | after |" + (" after recovery |" if rec is not None else ""),
+                  "|---|---:|---:|" + ("---:|" if rec is not None else ""),
+                  f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |"
+                  + (f" {rec:.3f} |" if rec is not None else ""), ""]
     if s["kind"] == "svd":
         kept = {n: r["params"] / r["dense_params"] for n, r in layers.items()}
         lines += [f"![kept]({_heatmap(out, kept, 'fraction of parameters kept per layer', 'kept', 'ranks.png')})", ""]

@@ -139,6 +139,8 @@ def compress(
     device: str = typer.Option("cpu", help="Torch device."),
     out: Path = typer.Option(Path("runs/compress"), help="Output folder: model/ (+ merged/), report.md, report.json, plots."),
     opt: Optional[list[str]] = typer.Option(None, help="An option of the method (SVD: alpha, min_rank, floor) or of the quantizer (mixed/joint: damp, act_order, …) as KEY=VALUE."),
+    recover_steps: int = typer.Option(0, help="SVD methods: then train the factors this many steps on --data (PELA: distil the original model's hidden states and logits, weights regularized toward the originals); 0: no recovery."),
+    recover_lr: float = typer.Option(1e-4, help="Learning rate of the recovery."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Compress a model from one calibration pass: low-rank factors (SVD, ASVD, SVD-LLM) under a parameter ratio, per-layer mixed precision under an average-bits budget, or bits and compensation ranks planned together under a memory budget.
@@ -151,11 +153,14 @@ def compress(
                             ranks=_int_list(ranks, "--ranks"), svd=svd, group_size=group_size or None,
                             symmetric=symmetric, quantizer=quantizer, targets=targets, seq_len=seq_len,
                             n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
-                            eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"))
+                            eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"),
+                            recover_steps=recover_steps, recover_lr=recover_lr)
     s = run_compress(job, progress=not quiet, log=console.print)
     ppl = s["perplexity"]
     if ppl["before"] is not None:
-        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f} ({eval_tokens} tokens)")
+        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f}"
+                      + (f" → {ppl['recovered']:.3f} after recovery" if ppl.get("recovered") is not None else "")
+                      + f" ({eval_tokens} tokens)")
     if s["kind"] == "svd":
         p = s["params"]
         size = f"{p['after']:,} of {p['before']:,} parameters ({p['ratio']:.1%})"
@@ -216,7 +221,7 @@ def methods_cmd():
         t.add_column(col, overflow="fold")
     observes = {"none": "nothing (no calibration)", "spectrum": "top-k input spectrum", "moments": "input XᵀX (full)"}
     for name, impl in all_methods().items():
-        t.add_row(name, observes[impl.needs], "W ← W − s·B·A" if impl.changes_base else "unchanged",
+        t.add_row(name, observes[impl.needs], getattr(impl, "base_change", "W ← W − s·B·A") if impl.changes_base else "unchanged",
                   f"{impl.default_lr:g}", impl.summary)
     console.print(t)
 

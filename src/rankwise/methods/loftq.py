@@ -85,6 +85,7 @@ class LoftQ:
     weighted = False
     summary = "LoftQ (Li et al. 2023): alternate Q ← quant(W − B·A), B·A ← rank-r SVD of W − Q; adapter = the error"
     changes_base = True
+    base_change = "codes ← quant(W − s·B·A)"
     default_lr = 5e-4
 
     def candidates(self, stats, weight: Tensor, cfg: LoftQConfig, cap: int) -> Tensor:

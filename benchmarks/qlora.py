@@ -1,0 +1,249 @@
+"""Fine-tuning on a compressed base, one run: QLoRA inits on GPTQ-quantized SmolLM2, PELA recovery of
+SVD-LLM-compressed SmolLM2, and training memory on the quantized vs the float base.
+
+Run: .venv/bin/python benchmarks/qlora.py [--data ../shared/data] [--part qlora|svd|memory|all]
+Resumable: each finished run is a record in benchmarks/results/qlora.json, skipped when rerun (--fresh
+starts over); --summary only prints the tables from what is recorded.
+
+- qlora: SmolLM2 quantized with GPTQ (W3g64, W4g64, symmetric; 32 GSM8K train records to calibrate), then
+  a rank-8 adapter (alpha 16, all linears) started by random LoRA, LoftQ, EVA (on the quantized model's
+  activations) or the compensation term (EoRA), trained 60 steps of 2 GSM8K records on the answer tokens,
+  each init at 4 learning rates; eval loss on the answer tokens of 16 GSM8K test records every 10 steps.
+  No peer: peft's LoftQ asserts CUDA and needs bitsandbytes; random LoRA on the same base is the baseline.
+- svd: SVD-LLM at 80 % and 60 % of the linears' parameters (pydoc calibration, 32×256 tokens), held-out
+  pydoc perplexity (4,096 tokens, window 512) before and after PELA recovery (60 steps of 2×256 pydoc
+  train tokens, the float model as teacher).
+- memory: peak resident memory of 5 LoRA steps on the float base vs the RTN W4g64 base (the codes are
+  what matters, not which quantizer made them), each in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import rankwise as rw
+from rankwise.adapt import adapt_
+from rankwise.compress.base import compress_base
+from rankwise.data.sources import DataConfig, batchify, load_dataset, read_stream
+from rankwise.methods import keep_for
+from rankwise.train.loop import TrainConfig, eval_loss, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quantize import Results, ppl  # noqa: E402
+
+HERE = Path(__file__).parent
+BASES = {"W3g64": dict(bits=3, group_size=64), "W4g64": dict(bits=4, group_size=64)}
+INITS = {"lora": {}, "loftq": {"iters": 3}, "eva": {}, "compensation": {}}
+LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+RATIOS = [0.8, 0.6]
+
+
+def gsm8k(root: str, tok, steps: int, batch: int):
+    cfg = DataConfig(train=f"{root}/gsm8k/train.jsonl", eval=f"{root}/gsm8k/test.jsonl", prompt_field="question",
+                     completion_field="answer", seq_len=256, max_train_examples=steps * batch, max_eval_examples=16)
+    return load_dataset(cfg, tok, "causal-lm")
+
+
+def init_plan(qmodel, originals, calib, method: str):
+    keep = keep_for([method], 8, 2.0)
+    stats = rw.calibrate(qmodel, calib, "all-linear", keep=keep, progress=False) if keep else None
+    return rw.plan(stats, qmodel, method=method, originals=originals, rank=8, alpha=16, **INITS[method])
+
+
+def qlora(res: Results, args) -> None:
+    base, tok = rw.load_model("smollm2")
+    tr, ev = gsm8k(args.data, tok, args.steps, args.batch)
+    calib = batchify(tr.examples[:32], tok, 4)
+    eval_batches = batchify(ev.examples, tok, 4)
+    for bname, grid in BASES.items():
+        todo = [(m, lr) for m in INITS for lr in LRS if not res.has(f"qlora/{bname}/{m}/{lr:g}")]
+        if not todo:
+            continue
+        qmodel = copy.deepcopy(base)
+        t = time.perf_counter()
+        _, originals = compress_base(qmodel, calib, "gptq", progress=False, **grid)
+        print(f"{bname}: GPTQ in {time.perf_counter() - t:.0f} s", flush=True)
+        for method in INITS:
+            lrs = [lr for m, lr in todo if m == method]
+            if not lrs:
+                continue
+            t = time.perf_counter()
+            p = init_plan(qmodel, originals, calib, method)
+            init_s = time.perf_counter() - t
+            for lr in lrs:
+                torch.manual_seed(0)
+                pm = adapt_(copy.deepcopy(qmodel), copy.deepcopy(p))
+                start = eval_loss(pm, eval_batches, "causal-lm", "cpu")["eval_loss"]
+                cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=lr, eval_every=args.eval_every,
+                                  warmup_steps=6, seed=0, save_every=10**9)
+                t = time.perf_counter()
+                out = train(pm, tr, ev, cfg, tok, progress=False)
+                curve = [{"step": 0, "eval_loss": start}] + [{"step": r["step"], "eval_loss": r["eval_loss"]}
+                                                             for r in out.history if "eval_loss" in r]
+                res.put(f"qlora/{bname}/{method}/{lr:g}", {
+                    "base": bname, "init": method, "lr": lr, "curve": curve, "final": curve[-1]["eval_loss"],
+                    "train_loss": [r["loss"] for r in out.history], "init_seconds": init_s,
+                    "train_seconds": time.perf_counter() - t})
+                del pm
+
+
+def svd(res: Results, args) -> None:
+    from rankwise.compress import compress
+    from rankwise.compress.recover import recover, teacher_copy
+
+    base, tok = rw.load_model("smollm2")
+    stream = read_stream("pydoc", tok, "eval")[:4096]
+    if not res.has("svd/fp"):
+        res.put("svd/fp", {"perplexity": ppl(base, stream)})
+    calib = rw.load_data("pydoc", tok, seq_len=256, n=32, batch_size=4)
+    data, _ = load_dataset(DataConfig(seq_len=256, max_train_examples=args.steps * 2), tok, "causal-lm")
+    for ratio in RATIOS:
+        if res.has(f"svd/{ratio:g}/recovered"):
+            continue
+        model = copy.deepcopy(base)
+        compress(model, calib, "svd-llm", progress=False, ratio=ratio)
+        if not res.has(f"svd/{ratio:g}/none"):
+            res.put(f"svd/{ratio:g}/none", {"perplexity": ppl(model, stream)})
+        t = time.perf_counter()
+        r = recover(model, teacher_copy(base), data, tok, TrainConfig(steps=args.steps, batch_size=2, lr=args.recover_lr,
+                                                                        warmup_steps=6, save_every=10**9), progress=False)
+        res.put(f"svd/{ratio:g}/recovered", {"perplexity": ppl(model, stream), "distill_before": r.before,
+                                             "distill_after": r.after, "reverted": r.reverted, "lr": args.recover_lr,
+                                             "loss": [h["loss"] for h in r.history], "seconds": time.perf_counter() - t})
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(kind: str, root: str) -> dict:
+    """One process: load, (quantize), adapt, then 5 LoRA steps while a thread samples the resident memory."""
+    base, tok = rw.load_model("smollm2")
+    tr, ev = gsm8k(root, tok, 5, 4)
+    if kind != "fp":
+        compress_base(base, None, "rtn", progress=False, **BASES[kind])
+    pm = adapt_(base, rw.plan(None, base, method="lora", rank=8, alpha=16))
+    held = sum(t.numel() * t.element_size() for t in list(pm.parameters()) + list(pm.buffers()))
+    before, peak, stop = rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    train(pm, tr, None, TrainConfig(steps=5, batch_size=4, lr=1e-4, save_every=10**9), tok, progress=False)
+    stop.set()
+    th.join()
+    return {"model_bytes": held, "rss_before_training": before, "peak_rss_training": peak[0]}
+
+
+def memory(res: Results, args) -> None:
+    for kind in ("fp", "W4g64"):
+        if res.has(f"memory/{kind}"):
+            continue
+        out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--data", args.data],
+                             check=True, capture_output=True, text=True).stdout
+        res.put(f"memory/{kind}", json.loads(out.strip().splitlines()[-1]))
+
+
+def steps_to(curve: list[dict], target: float) -> int | None:
+    return next((c["step"] for c in curve if c["eval_loss"] <= target), None)
+
+
+def summarize(records: dict) -> dict:
+    """Per base: each init's best lr (lowest final eval loss) and the first eval step at which it reaches
+    random LoRA's best final loss; the target is met when the best of the others does so by 70 % of the steps."""
+    out = {}
+    for bname in BASES:
+        runs = [r for k, r in records.items() if k.startswith(f"qlora/{bname}/")]
+        best = {}
+        for r in runs:
+            if r["init"] not in best or r["final"] < best[r["init"]]["final"]:
+                best[r["init"]] = r
+        if "lora" not in best:
+            continue
+        target = best["lora"]["final"]
+        rows = {m: {"lr": r["lr"], "start": r["curve"][0]["eval_loss"], "final": r["final"],
+                    "steps_to_random_final": steps_to(r["curve"], target)} for m, r in best.items()}
+        total = best["lora"]["curve"][-1]["step"]
+        others = [v["steps_to_random_final"] for m, v in rows.items() if m != "lora" and v["steps_to_random_final"]]
+        out[bname] = {"inits": rows, "random_final": target, "steps": total,
+                      "best_other_steps": min(others) if others else None,
+                      "target_met": bool(others) and min(others) <= 0.7 * total}
+    fp = records.get("svd/fp", {}).get("perplexity")
+    for ratio in RATIOS:
+        a, b = records.get(f"svd/{ratio:g}/none"), records.get(f"svd/{ratio:g}/recovered")
+        if fp and a and b:
+            out[f"svd{ratio:g}"] = {"fp": fp, "compressed": a["perplexity"], "recovered": b["perplexity"],
+                                    "gap_closed": (a["perplexity"] - b["perplexity"]) / (a["perplexity"] - fp)}
+    return out
+
+
+def plot(records: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(records)
+    bases = [b for b in BASES if b in summary]
+    if not bases:
+        return
+    fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 4), squeeze=False)
+    for ax, bname in zip(axes[0], bases):
+        for m, row in summary[bname]["inits"].items():
+            r = records[f"qlora/{bname}/{m}/{row['lr']:g}"]
+            ax.plot([c["step"] for c in r["curve"]], [c["eval_loss"] for c in r["curve"]], marker="o",
+                    label=f"{m} (lr {row['lr']:g})")
+        ax.axhline(summary[bname]["random_final"], color="gray", ls=":", lw=1)
+        ax.set(title=f"SmolLM2 GPTQ {bname}: GSM8K answer-token eval loss", xlabel="step", ylabel="eval loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--part", default="all", choices=["qlora", "svd", "memory", "all"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--recover-lr", type=float, default=1e-4)
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(HERE / "results" / "qlora.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.data)))
+        return
+    setup = {"args": {"n": 32, "seq_len": 256, "eval_tokens": 4096, "steps": args.steps, "batch": args.batch},
+             "machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}
+    res = Results(Path(args.out), args.fresh, setup)
+    if not args.summary:
+        for part in (["qlora", "svd", "memory"] if args.part == "all" else [args.part]):
+            {"qlora": qlora, "svd": svd, "memory": memory}[part](res, args)
+    res.data["summary"] = summarize(res.data["records"])
+    res.put("_summary_written", {"at": time.strftime("%Y-%m-%d %H:%M")})
+    plot(res.data["records"], Path(args.out).with_suffix(".png"))
+    print(json.dumps(res.data["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
