@@ -80,7 +80,11 @@ def compress_base(model: nn.Module, batches, method: str, progress: bool = True,
     if method == "none":
         raise ConfigError("compress_base: method 'none' leaves the base as it is")
     targets = options.get("targets", "all-linear")
-    originals = {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in find_targets(model, targets)}
+    # AWQ folds its scales into earlier ops, so the float weights change too: W − Q would mix two spaces.
+    originals = {} if method == "awq" else {
+        n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in find_targets(model, targets)}
+    if method == "awq":
+        options = {"explicit_scales": False} | options  # an input scale left on a layer has no place in compressed-tensors
     if method in SVD_METHODS:
         from .svd import compress
 
@@ -88,7 +92,7 @@ def compress_base(model: nn.Module, batches, method: str, progress: bool = True,
     else:
         from ..quant import quantize
 
-        report = quantize(model, batches, method, progress=progress, **section.options())
+        report = quantize(model, batches, method, progress=progress, **options)
     for p in model.parameters():
         p.requires_grad_(False)
     return report, originals

@@ -65,6 +65,8 @@ class Distillation:
 
     def distill(self, student, batch) -> tuple[Tensor, int]:
         """(summed feature + kl terms over the scored tokens, their count)."""
+        device = next(student.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
         cfg, mask = self.cfg, _scored(batch)
         t = self._outputs(self.teacher, batch, False)
         s = self._outputs(student, batch, torch.is_grad_enabled())

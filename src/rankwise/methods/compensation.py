@@ -40,7 +40,7 @@ class Compensation:
             if stats is None or stats.xtx is None:
                 raise PlanError("compensation (weighted) needs the inputs' XᵀX: calibrate with keep='full'")
             gram = stats.xtx / max(stats.n, 1)
-        error = original.double() - effective(q)
+        error = original.to(q.codes.device).double() - effective(q)
         fit = lowrank_fit(error, gram, rank)
         a, b = fit.factors(rank)
         a, b = adapter_factors(a, b, scale, weight.dtype)

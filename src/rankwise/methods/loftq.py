@@ -98,6 +98,7 @@ class LoftQ:
              original: Tensor | None = None, module=None) -> LayerInit:
         q = as_quantized(module, name, "loftq")
         s, s_inv, h = self._weighting(stats)
+        original = original.to(q.codes.device)
         res = loftq(original, effective(q), rank, _Requant(q, h), s, s_inv, iters=cfg.iters)
         a, b = adapter_factors(res.a, res.b, scale, weight.dtype)
         base = bare_copy(q, *res.state) if res.state is not None else bare_copy(q)

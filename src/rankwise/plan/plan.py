@@ -85,14 +85,15 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
 
     options: the method's config keys (rank, alpha, rho, whiten, …); an unknown key is an error.
     Methods that need no data (e.g. "lora") take stats=None and use `targets` instead.
-    originals: the float weights a compressed base was made from (`rankwise.qlora.compress_base` returns
+    originals: the float weights a compressed base was made from (`rankwise.compress.base.compress_base` returns
     them), for the methods that start from the compression error (loftq, compensation).
     """
     impl = get_init(method)
     cfg = impl.config.build(where=f"method {method!r}", **options)
     if getattr(impl, "needs_original", False) and not originals:
         raise PlanError(f"method {method!r} starts from the compression error W − Q, so it needs the original float "
-                        "weights: compress the base in the same run (a `base:` section; rankwise.qlora.compress_base)")
+                        "weights: compress the base in the same run (a `base:` section; rankwise.compress.base.compress_base; "
+                        "not with awq, whose folded scales change the float weights as well)")
     if stats is None:
         if impl.needs != "none":
             raise PlanError(f"method {method!r} initializes from data: run calibrate() first and pass its Stats")
