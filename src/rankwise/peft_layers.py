@@ -55,6 +55,15 @@ def register_compressed(config, model: nn.Module):
     return config
 
 
+def merged_copy(peft_model):
+    """A copy of the model with the adapter folded into the effective (float) base weights, peft unloaded."""
+    import copy
+
+    merged = copy.deepcopy(peft_model)
+    materialize_bases_(merged)
+    return merged.merge_and_unload()
+
+
 @torch.no_grad()
 def materialize_bases_(peft_model) -> None:
     """Replace each compressed base under a LoRA layer by an nn.Linear holding its effective float weight,

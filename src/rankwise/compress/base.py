@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..targets import find_targets
-
-SVD_METHODS = ("svd", "asvd", "svd-llm")
+from .svd import METHODS as SVD_METHODS
 
 
 def base_methods() -> tuple[str, ...]:
@@ -76,7 +75,7 @@ class BaseSection(StrictModel):
 def compress_base(model: nn.Module, batches, method: str, progress: bool = True, **options) -> tuple[object, dict[str, Tensor]]:
     """Compress `model`'s targeted linears in place with `method` (a quantizer or an SVD method) and return
     (its report, {name: the float weight [out, in] before}, on the CPU)."""
-    section = BaseSection.build(where="compress_base", method=method, **options)  # the same checks as YAML
+    BaseSection.build(where="compress_base", method=method, **options)  # the same checks as YAML
     if method == "none":
         raise ConfigError("compress_base: method 'none' leaves the base as it is")
     targets = options.get("targets", "all-linear")
@@ -88,7 +87,7 @@ def compress_base(model: nn.Module, batches, method: str, progress: bool = True,
     if method in SVD_METHODS:
         from .svd import compress
 
-        report = compress(model, batches, method, progress=progress, **section.options())
+        report = compress(model, batches, method, progress=progress, **options)
     else:
         from ..quant import quantize
 

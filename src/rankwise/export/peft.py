@@ -110,14 +110,10 @@ def to_original_base(folder: Path, plan: Plan) -> str:
 def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Fold the adapter into a copy of the base weights and save a plain transformers folder (dense float:
     a compressed base is folded in as its effective weight)."""
-    import copy
-
-    from ..peft_layers import materialize_bases_
+    from ..peft_layers import merged_copy
 
     out = Path(out_dir)
-    merged = copy.deepcopy(peft_model)
-    materialize_bases_(merged)  # a quantized or factored base: merged into its effective float weight
-    merged = merged.merge_and_unload()
+    merged = merged_copy(peft_model)  # a quantized or factored base: merged into its effective float weight
     with staging_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -12,8 +12,8 @@ import torch
 
 from ..compress.folder import save_factored
 from ..compress.linear import lowrank_layers
-from ..numerics.quantize import dequantize, rtn
-from ..peft_layers import materialize_bases_
+from ..numerics.quantize import rtn
+from ..peft_layers import merged_copy
 from ..quant.linear import QuantLinear, quantized_layers, set_module
 from .compressed_tensors import export_compressed_tensors
 
@@ -39,19 +39,15 @@ def requantize(peft_model) -> tuple[torch.nn.Module, dict[str, float]]:
     """The merged model (adapter folded into the effective weights) rounded again onto each quantized layer's
     grid (RTN, fresh scales): (that model, {layer: ‖W_merged − Q‖_F / ‖W_merged‖_F})."""
     grids = {n.removesuffix(".base_layer"): q for n, q in quantized_layers(peft_model.get_base_model()).items()}
-    merged = copy.deepcopy(peft_model)
-    materialize_bases_(merged)
-    merged = merged.merge_and_unload()
+    merged = merged_copy(peft_model)
     errors = {}
     for name, q in grids.items():
         lin = merged.get_submodule(name)
         w = lin.weight.detach().float()
-        col = None if q.input_scale is None else q.input_scale.float()
-        wg = w if col is None else w * col[None, :]
-        codes, scale, zero = rtn(wg, q.grid)
-        w_hat = dequantize(codes, scale, zero) if col is None else dequantize(codes, scale, zero) / col[None, :]
-        errors[name] = float((w - w_hat).norm() / w.norm().clamp_min(1e-30))
-        set_module(merged, name, QuantLinear(codes, scale, zero, q.grid, lin.bias, q.input_scale, q.compute_dtype))
+        wg = w if q.input_scale is None else w * q.input_scale.float()[None, :]  # the grid holds W·diag(c)
+        again = QuantLinear(*rtn(wg, q.grid), q.grid, lin.bias, q.input_scale, q.compute_dtype)
+        errors[name] = float((w - again.weight.float()).norm() / w.norm().clamp_min(1e-30))
+        set_module(merged, name, again)
     return merged, errors
 
 
