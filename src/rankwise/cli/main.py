@@ -312,7 +312,9 @@ def train(
             raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start one without --resume")
     cfg = load_config(config, overrides)
     summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=console.print)
+    base = summary.get("base", {})
     console.print(f"run folder: [bold]{cfg.out}[/bold] — report.md, adapter/ (peft)" + (", merged/" if cfg.merge else "") +
+                  (", base/ (the compressed base)" if base.get("folder") else "") + (", requantized/" if "requantized" in base else "") +
                   f", metrics.jsonl ({summary['steps']} steps, {summary['seconds']:.0f} s)")
 
 
