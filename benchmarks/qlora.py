@@ -8,7 +8,7 @@ starts over); --summary only prints the tables from what is recorded.
 - qlora: SmolLM2 quantized with GPTQ (W3g64, W4g64, symmetric; 32 GSM8K train records to calibrate), then
   a rank-8 adapter (alpha 16, all linears) started by random LoRA, LoftQ, EVA (on the quantized model's
   activations) or the compensation term (EoRA), trained 60 steps of 2 GSM8K records on the answer tokens,
-  each init at 4 learning rates; eval loss on the answer tokens of 16 GSM8K test records every 10 steps.
+  each init at 5 learning rates; eval loss on the answer tokens of 16 GSM8K test records every 10 steps.
   No peer: peft's LoftQ asserts CUDA and needs bitsandbytes; random LoRA on the same base is the baseline.
 - svd: SVD-LLM at 80 % and 60 % of the linears' parameters (pydoc calibration, 32×256 tokens), held-out
   pydoc perplexity (4,096 tokens, window 512) before and after PELA recovery (60 steps of 2×256 pydoc
@@ -44,7 +44,7 @@ from quantize import Results, ppl  # noqa: E402
 HERE = Path(__file__).parent
 BASES = {"W3g64": dict(bits=3, group_size=64), "W4g64": dict(bits=4, group_size=64)}
 INITS = {"lora": {}, "loftq": {"iters": 3}, "eva": {}, "compensation": {}}
-LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 RATIOS = [0.8, 0.6]
 
 

@@ -80,6 +80,34 @@ def test_loftq_plain_improves_on_the_first_quantization():
     assert res.accepted >= 1 and res.errors[-1] < res.errors[0]
 
 
+@pytest.mark.parametrize("method", ["loftq", "loftq-aw"])
+def test_loftq_on_a_layer_with_an_input_scale(method):
+    """An AWQ layer whose grid holds W·diag(c) (explicit input scale): the method's candidates live in grid
+    space, yet the error it reports and lowers is that of the effective weight Q/c + s·B·A against W."""
+    from rankwise.calib.stats import LayerStats
+    from rankwise.methods import get_init
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 64, generator=g)
+    c = torch.rand(64, generator=g) * 3 + 0.2
+    grid = Grid(3, 32, True)
+    q = QuantLinear(*rtn(w * c[None, :], grid), grid, None, c)
+    x = torch.randn(300, 64, generator=g) * c  # larger inputs where the scale is large, as AWQ picks it
+    stats = LayerStats.from_raw(300, x.sum(0).double(), (x.T @ x).double())
+    init = get_init(method)
+    cfg = init.config(iters=3)
+    out = init.init(stats if method == "loftq-aw" else None, q.weight, 4, cfg, name="l", scale=2.0, original=w, module=q)
+    assert torch.equal(out.base.input_scale, c) and out.base.codes.dtype == torch.uint8
+    assert out.A.dtype == out.B.dtype == q.weight.dtype
+    start = w - q.weight
+    end = w - out.base.weight - 2.0 * out.B @ out.A
+    if method == "loftq-aw":
+        start, end = start @ x.T, end @ x.T
+    assert end.norm() < 0.8 * start.norm()  # rank 4 of 24 takes up a fifth or more of the error (measured 0.63, 0.66)
+    before, after = (float(v) for v in out.note.split(": ")[1].split(" (")[0].split(" → "))
+    assert after < before and after == pytest.approx(float(end.norm() / (w if method == "loftq" else w @ x.T).norm()), rel=1e-3)
+
+
 def test_codes_bit_identical_after_training(tiny_model_dir):
     from rankwise.data.sources import DataConfig, load_dataset
     from rankwise.models import load_model
@@ -148,6 +176,60 @@ def test_adapter_on_compressed_tensors_checkpoint_matches(tmp_path):
     ours, theirs = _logits(pm, b), _logits(loaded, b)
     assert (ours - theirs).abs().max() <= 1e-4  # float32 (measured ~1e-6)
     assert (ours - _logits(tiny_llama(), b)).abs().max() > 1e-3  # the base really is quantized
+
+
+@pytest.mark.parametrize("method", ["rtn", "svd"])
+def test_rankwise_eval_adapter_loads_the_compressed_base_it_was_trained_on(tiny_model_dir, tmp_path, method):
+    """The run's adapter names base/ in rankwise.json, so `rankwise eval --adapter` (load_with_adapter) rebuilds
+    the trained model, on a quantized (compressed-tensors) or a factored base alike, not the float one."""
+    from rankwise.cli.evaluate import load_with_adapter
+    from rankwise.cli.runs import name_base
+    from rankwise.export.peft import export
+    from rankwise.export.qlora import export_base
+    from rankwise.models import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    batches = make_batches(4, 4, 16, vocab=model.config.vocab_size)
+    opts = dict(bits=3, group_size=32) if method == "rtn" else dict(ratio=0.6)
+    compress_base(model, batches, method, progress=False, **opts)
+    pm = adapt_(model, plan(None, model, method="lora", rank=4))
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "lora_B" in n:
+                t.add_(0.02 * torch.randn_like(t))
+    export(pm, tmp_path / "adapter")
+    export_base(pm, tmp_path / "base", tok)
+    name_base(tmp_path / "adapter", tmp_path / "base", method)
+    loaded, _ = load_with_adapter(None, tmp_path / "adapter")
+    b = batches[0]
+    ours, theirs = _logits(pm, b), _logits(loaded, b)
+    assert (ours - theirs).abs().max() <= 1e-4  # float32 (the same weights, summed in another order)
+    float_base, _ = load_with_adapter(str(tiny_model_dir), tmp_path / "adapter")  # what the old meta loaded
+    assert (ours - _logits(float_base, b)).abs().max() > 1e-3
+
+
+def test_requantize_rounds_merged_layers_again_and_leaves_the_others_alone():
+    from rankwise.export.qlora import requantize
+
+    model, _, _ = _quantized(bits=3)
+    before = {n: q.codes.clone() for n, q in quantized_layers(model).items()}
+    pm = adapt_(model, plan(None, model, method="lora", rank=4, targets="q_proj"))
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "lora_B" in n:
+                t.add_(0.05 * torch.randn_like(t))
+    merged, errors = requantize(pm)
+    assert set(errors) == set(before)
+    for name, codes in before.items():
+        q = merged.get_submodule(name)
+        assert isinstance(q, QuantLinear)
+        if name.endswith("q_proj"):  # merged, then rounded afresh: RTN of the merged weight on the same grid
+            w = pm.get_base_model().get_submodule(name)
+            w = w.base_layer.weight + w.get_delta_weight("default")
+            assert torch.equal(q.weight, dequantize(*rtn(w.detach(), q.grid)))
+            assert 0 < errors[name] < 0.5
+        else:  # untouched: the GPTQ codes as they were, not re-rounded by RTN
+            assert torch.equal(q.codes, codes) and errors[name] == 0.0
 
 
 def test_compensation_and_loftq_start_nearer_the_float_model():
@@ -241,3 +323,44 @@ def test_recovery_lowers_the_distillation_loss_and_never_raises_it(tiny_model_di
                                                        max_grad_norm=1e3), RecoverConfig(reg=0.0), progress=False)
     assert bad.reverted and bad.after == bad.before  # a learning rate that blows it up: the factors are put back
     assert all(torch.equal(m.weight, start[n]) for n, m in lowrank_layers(model).items())
+
+
+def test_recovery_regularizer_equals_the_direct_norm_and_its_gradient(tiny_model_dir):
+    """The trace form of ‖B·A − W₀‖²/‖W₀‖² against the product built outright, value and gradient (float32:
+    the trace form subtracts terms of size ‖W₀‖², so agreement to 1e-4 relative is what float32 allows)."""
+    from rankwise.compress.linear import lowrank_layers
+    from rankwise.compress.recover import Distillation, RecoverConfig
+
+    model, teacher, _, _ = _recovery_setup(tiny_model_dir)
+    loss = Distillation(teacher, model, RecoverConfig())
+    layers = lowrank_layers(model)
+    with torch.no_grad():  # off the SVD point, so that the gap is not only the truncation
+        for m in layers.values():
+            m.up.weight.add_(0.01 * torch.randn_like(m.up.weight))
+    params = [p for m in layers.values() for p in (m.down.weight, m.up.weight)]
+    for p in params:
+        p.requires_grad_(True)
+    ours = loss.regularizer(model)
+    g_ours = torch.autograd.grad(ours, params)
+    direct = sum((layers[n].weight - w).pow(2).sum() / w.pow(2).sum() for n, w in loss.refs.items()) / len(layers)
+    g_direct = torch.autograd.grad(direct, params)
+    ours, direct = float(ours.detach()), float(direct.detach())
+    assert direct > 1e-3 and abs(ours - direct) <= 1e-4 * direct
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_ours, g_direct)) <= 1e-4
+
+
+def test_compressed_layers_are_neither_compressed_again_nor_fold_sources():
+    from rankwise.compress.linear import LowRankLinear
+    from rankwise.compress.svd import compress
+    from rankwise.quant.fold import fold_source
+
+    model, _, batches = _quantized(bits=4, method="rtn")
+    with pytest.raises(ConfigError, match="compressed already .*QuantLinear"):
+        compress(model, batches, "svd", progress=False, ratio=0.8)
+    model = tiny_llama()
+    assert fold_source(model, ["model.layers.0.mlp.down_proj"]) == ("rows", "model.layers.0.mlp.up_proj")
+    compress(model, batches, "svd", progress=False, ratio=0.6, targets="up_proj")
+    assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), LowRankLinear)
+    assert fold_source(model, ["model.layers.0.mlp.down_proj"]) is None  # B·A has no rows of its own to scale
+    with pytest.raises(ConfigError, match="compressed already .*LowRankLinear"):
+        compress(model, batches, "svd", progress=False, ratio=0.8)

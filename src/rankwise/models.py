@@ -170,7 +170,8 @@ def load_model(
 
 
 def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:
-    """from_pretrained, or for a folder written by `rankwise compress` its factored layers (compress/folder.py)."""
+    """from_pretrained (a compressed-tensors checkpoint decompressed to its effective float weights), or for a
+    folder written by `rankwise compress` its factored layers (compress/folder.py)."""
     from .compress.folder import is_factored, load_factored
 
     if is_factored(config):
@@ -178,7 +179,11 @@ def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:
             if k != "dtype":
                 setattr(config, k, v)
         return load_factored(path, cls, config, kwargs["dtype"])
-    return cls.from_pretrained(path, **kwargs)
+    model = cls.from_pretrained(path, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "compressor"):  # a compressed-tensors checkpoint
+        quantizer.compressor.decompress_model(model)  # dense effective weights, which peft can wrap
+    return model
 
 
 def describe_base(source: str) -> dict:

@@ -44,10 +44,13 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
     task = meta.get("task", task)
     labels = meta.get("labels") or labels
     base, tok = load_model(model or adapter_base(adapter), task=task, labels=labels if task == "seq-cls" else None)
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    try:
-        loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    from ..peft_layers import register_compressed
+
+    try:  # a factored base (`rankwise compress`, or base/ of a run on an SVD base) needs its LoRA layer class
+        config = register_compressed(PeftConfig.from_pretrained(str(adapter)), base)
+        loaded = PeftModel.from_pretrained(base, str(adapter), config=config).eval()
     except Exception as e:  # peft raises ValueError/KeyError/RuntimeError for adapters that do not fit
         raise ConfigError(f"{adapter} does not fit base model {model or adapter_base(adapter)!r} ({task}): "
                           f"{type(e).__name__}: {e}") from None

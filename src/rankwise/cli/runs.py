@@ -268,18 +268,34 @@ def _export_compressed(model, tok, eval_ds: Dataset, cfg: RunConfig, out: Path, 
     from ..export.qlora import export_base, export_requantized
     from ..quant.linear import quantized_layers
 
+    from ..models import load_model
+
     info = {"method": cfg.base.method, "folder": str(export_base(model, out / "base", tok))}
+    name_base(out / "adapter", out / "base", cfg.base.method)
     if quantized_layers(model.get_base_model()):
         folder, errors = export_requantized(model, out / "requantized", tok)
-        from ..export.compressed_tensors import load_compensated
-
-        again = held_out_metrics(load_compensated(folder), tok, eval_ds, cfg)
+        labels = list(model.config.id2label.values()) if cfg.task == "seq-cls" else None
+        again = held_out_metrics(load_model(folder, task=cfg.task, labels=labels)[0], tok, eval_ds, cfg)
         info["requantized"] = {"folder": str(folder), "after": again,
                                "weight_error_mean": sum(errors.values()) / len(errors),
                                "weight_error_max": max(errors.values())}
         log(f"merged and quantized again on the base's grids (requantized/): {_fmt(again)}; relative weight error "
             f"mean {info['requantized']['weight_error_mean']:.4f}, max {info['requantized']['weight_error_max']:.4f}")
     return info
+
+
+def name_base(adapter: Path, base: Path, method: str) -> None:
+    """Point the adapter's rankwise.json at the compressed base it was trained on (`rankwise eval --adapter`
+    then loads that, not the float model), keeping the float model's name as `original_base`."""
+    from ..export.peft import META, read_adapter_meta
+    from ..models import describe_base
+
+    meta = read_adapter_meta(adapter)
+    base = str(base.resolve())
+    meta = {**meta, **describe_base(base), "original_base": meta.get("base_model"),
+            "note": f"trained on the {method} base in {base}; load it with rankwise.load_model({base!r}), which "
+                    "decompresses it (see README: fine-tuning on a compressed base)"}
+    write_text(adapter / META, json.dumps(meta, indent=2))
 
 
 def _check_sources(cfg: RunConfig) -> None:

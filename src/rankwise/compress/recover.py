@@ -85,8 +85,15 @@ class Distillation:
         return total, n
 
     def regularizer(self, student) -> Tensor:
-        mods = lowrank_layers(student)
-        return sum((mods[n].weight - w).pow(2).sum() / self.norms[n] for n, w in self.refs.items()) / len(self.refs)
+        """Mean of ‖B·A − W₀‖²/‖W₀‖², each as ‖B·A‖² − 2⟨B·A, W₀⟩ + ‖W₀‖² = Σ(BᵀB ∘ AAᵀ) − 2Σ(BᵀW₀ ∘ A) + ‖W₀‖²,
+        so that no out×in product (nor its gradient) is built: only k×k and k×in ones."""
+        mods, total = lowrank_layers(student), 0.0
+        for n, w in self.refs.items():
+            a, b = mods[n].down.weight, mods[n].up.weight
+            w = w.to(a.dtype)
+            sq = ((b.T @ b) * (a @ a.T)).sum() - 2 * ((b.T @ w) * a).sum() + self.norms[n]
+            total = total + sq.clamp_min(0) / self.norms[n]
+        return total / len(self.refs)
 
     def __call__(self, student, batch) -> tuple[Tensor, int]:
         loss, n = self.distill(student, batch)

@@ -165,6 +165,11 @@ def _shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
 
 def check_config(model: nn.Module, cfg: SVDConfig) -> list[str]:
     names = find_targets(model, cfg.targets)
+    done = [n for n in names if getattr(model.get_submodule(n), "rankwise_linear", False)]
+    if done:
+        kind = type(model.get_submodule(done[0])).__name__
+        raise ConfigError(f"{len(done)} of the {len(names)} target layers are compressed already (e.g. {done[0]}, a "
+                          f"{kind}); SVD compression starts from float weights: load the uncompressed model")
     if cfg.rank is not None:
         for n, (o, i) in _shapes(model, names).items():
             if cfg.rank > min(o, i):

@@ -37,12 +37,16 @@ def export_base(peft_model, out: str | os.PathLike, tokenizer=None) -> Path | No
 @torch.no_grad()
 def requantize(peft_model) -> tuple[torch.nn.Module, dict[str, float]]:
     """The merged model (adapter folded into the effective weights) rounded again onto each quantized layer's
-    grid (RTN, fresh scales): (that model, {layer: ‖W_merged − Q‖_F / ‖W_merged‖_F})."""
+    grid (RTN, fresh scales): (that model, {layer: ‖W_merged − Q‖_F / ‖W_merged‖_F}). A layer the adapter
+    does not touch keeps its codes as they are (error 0)."""
     grids = {n.removesuffix(".base_layer"): q for n, q in quantized_layers(peft_model.get_base_model()).items()}
     merged = merged_copy(peft_model)
     errors = {}
     for name, q in grids.items():
         lin = merged.get_submodule(name)
+        if isinstance(lin, QuantLinear):  # no LoRA layer on it: nothing was merged, its grid point is exact
+            errors[name] = 0.0
+            continue
         w = lin.weight.detach().float()
         wg = w if q.input_scale is None else w * q.input_scale.float()[None, :]  # the grid holds W·diag(c)
         again = QuantLinear(*rtn(wg, q.grid), q.grid, lin.bias, q.input_scale, q.compute_dtype)

@@ -47,8 +47,10 @@ def adapter_factors(a: Tensor, b: Tensor, scale: float, dtype) -> tuple[Tensor, 
 
 
 class _Requant:
-    """Candidate Q's for a target weight on q's grid: re-rounded on q's current scales (never worse than
-    the current Q in the plain objective), RTN afresh, and, with a Hessian, GPTQ afresh."""
+    """Candidate Q's for a target weight on q's grid: re-rounded on the scales of q, the base as it was
+    quantized first (so that a new Q can stay on the checkpoint's scales), RTN afresh (new scales), and,
+    with a Hessian, GPTQ afresh. With an input scale c the candidates are made in grid space (W·diag(c))
+    and returned as effective weights (÷ c)."""
 
     def __init__(self, q: QuantLinear, h: Tensor | None = None):
         self.q = q

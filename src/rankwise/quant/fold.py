@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .linear import QuantLinear
 
 PRE_NORM_DECODERS = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -38,7 +37,8 @@ def fold_source(model: nn.Module, group: list[str]) -> tuple[str, str] | None:
     """(kind, module name) of the op whose output channels can absorb 1/s for this group, or None.
 
     kind "norm": a norm's weight (and bias); "rows": a linear's output rows (and bias). An op that is
-    already quantized cannot absorb a scale without leaving its grid, so it does not count.
+    already compressed cannot absorb a scale (a quantized one would leave its grid; a factored one has no
+    weight of its own to scale), so it does not count.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     found = None
@@ -52,7 +52,7 @@ def fold_source(model: nn.Module, group: list[str]) -> tuple[str, str] | None:
         src = model.get_submodule(found[1])
     except AttributeError:
         return None
-    return None if isinstance(src, QuantLinear) else found
+    return None if getattr(src, "rankwise_linear", False) else found  # quantized or factored: no plain rows
 
 
 @torch.no_grad()
