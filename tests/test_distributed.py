@@ -37,9 +37,17 @@ def _worker(rank, world, init_file, out_dir, mode):
         stats = rw.calibrate(tiny_llama(), batches, mode=mode, progress=False)
         big = _large_mean_stats(_large_mean_rows(rank))
         big.all_reduce_()
+        grads = None
+        if mode == "whole":  # gradient statistics: each rank's half, summed inside calibrate_gradients
+            from rankwise.calib.gradients import calibrate_gradients
+
+            grads = calibrate_gradients(tiny_llama(), make_batches(n_batches=4, seed=7, labels=True)[rank::world],
+                                        progress=False)
         if rank == 0:
             stats.save(os.path.join(out_dir, "merged.safetensors"))
             big.save(os.path.join(out_dir, "big.safetensors"))
+            if grads is not None:
+                grads.save(os.path.join(out_dir, "grads.safetensors"))
         dist.barrier()  # rank 0's files are written before either rank leaves
     except BaseException:
         dist.destroy_process_group()
@@ -73,3 +81,12 @@ def test_all_reduce_equals_single_process(tmp_path, mode):
     assert _rel(big.scatter(), xc.T @ xc) <= 1e-6
     assert _rel(big.scatter(), _large_mean_stats(rows)["x"].scatter()) <= 1e-6
     assert torch.allclose(big.mean, full.mean(0), rtol=1e-9, atol=1e-9)
+    if mode == "whole":  # the weight gradients too: summed over ranks = one process on all four batches
+        from rankwise.calib.gradients import calibrate_gradients
+
+        merged_g = rw.Stats.load(tmp_path / "grads.safetensors")
+        single_g = calibrate_gradients(tiny_llama(), make_batches(n_batches=4, seed=7, labels=True), progress=False)
+        assert merged_g.grad_count == single_g.grad_count > 0
+        assert set(merged_g.grads) == set(single_g.grads)
+        for name in single_g.grads:
+            assert _rel(merged_g.gradient(name), single_g.gradient(name)) <= 1e-6

@@ -44,6 +44,7 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
     missing = [n for n, lp in plan.active().items() if lp.lora_A is None]
     if missing:
         raise PlanError(f"the plan has no initial weights for {missing[:3]} (a plan loaded from JSON holds no tensors)")
+    from .cores import install_core_
     from .peft_layers import register_compressed
     from .quant.linear import set_module
 
@@ -52,6 +53,8 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
             kind = type(model.get_submodule(name)).__name__
             raise PlanError(f"{plan.method} changes the base weight, but {name} is a {kind} (a compressed base "
                             "whose weights stay frozen); on a quantized base use loftq or compensation")
+        if lp.residual and lp.core is not None:
+            raise PlanError(f"{name}: a layer with a trained core cannot also change its base weight")
         if lp.new_base is not None:  # the method re-made the compressed base (LoftQ's codes)
             set_module(model, name, lp.new_base)
     config = register_compressed(lora_config(plan, **lora_kwargs), model)
@@ -65,6 +68,8 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
                             f"{tuple(lp.lora_A.shape)}, {tuple(lp.lora_B.shape)}")
         a.copy_(lp.lora_A)
         b.copy_(lp.lora_B)
+        if lp.core is not None:  # LoRA-SB, SVFit: A and B frozen, the core between them trained
+            install_core_(layer, adapter_name, lp.core)
         if lp.residual:
             w = layer.get_base_layer().weight
             delta = layer.scaling[adapter_name] * (lp.lora_B.double() @ lp.lora_A.double())

@@ -59,7 +59,10 @@ def merged_copy(peft_model):
     """A copy of the model with the adapter folded into the effective (float) base weights, peft unloaded."""
     import copy
 
+    from .cores import fold_cores_
+
     merged = copy.deepcopy(peft_model)
+    fold_cores_(merged)
     materialize_bases_(merged)
     return merged.merge_and_unload()
 

@@ -137,6 +137,17 @@ class Stats:
     layers: dict[str, LayerStats] = field(default_factory=dict)  # canonical name -> stats
     aliases: dict[str, str] = field(default_factory=dict)  # module name -> canonical name
     order: list[str] = field(default_factory=list)  # every target module, in model order
+    # Σ ∂(summed task loss)/∂W [out, in] float32 per module (every module: weights differ where inputs are
+    # shared) and the scored tokens it sums over (calibrate_gradients); merged by sum like the moments.
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    grad_count: int = 0
+
+    def gradient(self, name: str) -> Tensor:
+        """The mean-loss weight gradient G = Σ∂L/∂W / tokens [out, in] of module `name`."""
+        if name not in self.grads:
+            raise CalibrationError(f"no gradient statistics for {name}: calibrate with gradients "
+                                   "(rankwise.calib.gradients.calibrate_gradients, or a method that declares them)")
+        return self.grads[name] / max(self.grad_count, 1)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self.layers[self.aliases.get(name, name)]
@@ -154,7 +165,10 @@ class Stats:
     def __add__(self, other: Stats) -> Stats:
         if self.order != other.order or self.aliases != other.aliases:
             raise CalibrationError("cannot merge statistics of different target sets")
-        return Stats({k: v + other.layers[k] for k, v in self.layers.items()}, dict(self.aliases), list(self.order))
+        if set(self.grads) != set(other.grads):
+            raise CalibrationError("cannot merge statistics with gradients of different modules")
+        return Stats({k: v + other.layers[k] for k, v in self.layers.items()}, dict(self.aliases), list(self.order),
+                     {k: g + other.grads[k] for k, g in self.grads.items()}, self.grad_count + other.grad_count)
 
     def all_reduce_(self, names: list[str] | None = None) -> None:
         """Sum n, Σ(x−c) and M across torch.distributed ranks (no raw activations leave a rank).
@@ -181,6 +195,20 @@ class Stats:
                 if t is not None:
                     dist.all_reduce(t)
             st.n, st._spectrum = int(total), None
+        if self.grads and names is None:  # per block (names given) only the moments: gradients come whole
+            self.all_reduce_grads_()
+
+    def all_reduce_grads_(self) -> None:
+        """Sum the gradient statistics and their token count across ranks."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for g in self.grads.values():
+            dist.all_reduce(g)
+        count = torch.tensor([float(self.grad_count)], dtype=torch.float64)
+        dist.all_reduce(count)
+        self.grad_count = int(count.item())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically: temp name, then rename)."""
@@ -189,12 +217,15 @@ class Stats:
             for key in ("shift", "sum_shifted", "m2", "eigvals", "eigvecs", "abs_sum"):
                 if getattr(st, key) is not None:
                     tensors[f"{name}::{key}"] = getattr(st, key).contiguous()
+        for name, g in self.grads.items():
+            tensors[f"{name}::grad"] = g.contiguous()
         meta = {
             "format": 2,  # 2: moments about a shift (shift, sum_shifted, m2); 1: raw (sum, xtx)
             "order": self.order,
             "aliases": self.aliases,
             "n": {k: v.n for k, v in self.layers.items()},
             "trace": {k: v.trace for k, v in self.layers.items()},
+            "grad_count": self.grad_count,
         }
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent or ".")
@@ -224,4 +255,5 @@ class Stats:
                 layers[name] = LayerStats(n, tensors[f"{name}::shift"], tensors[f"{name}::sum_shifted"], tensors.get(f"{name}::m2"), **kw)
             else:
                 layers[name] = LayerStats.from_raw(n, tensors[f"{name}::sum"], tensors.get(f"{name}::xtx"), **kw)
-        return cls(layers, meta["aliases"], meta["order"])
+        grads = {k.removesuffix("::grad"): t for k, t in tensors.items() if k.endswith("::grad")}
+        return cls(layers, meta["aliases"], meta["order"], grads, int(meta.get("grad_count", 0)))

@@ -39,7 +39,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from ..calib.calibrate import calibrate
     from ..data.sources import load_data
     from ..export.peft import export
-    from ..methods import config_options, get_init, keep_for
+    from ..calib.gradients import calibrate_gradients
+    from ..methods import config_options, get_init, grads_for, keep_for
     from ..plan.plan import plan
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
@@ -48,14 +49,19 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     t1 = time.perf_counter()
     stats, tokens = None, 0
     keep = "full" if job.save_stats else keep_for([job.method], job.rank, job.rho)
-    if keep is not None:  # data-free methods skip calibration entirely
+    needs_grad = grads_for([job.method])
+    if keep is not None or needs_grad:  # data-free methods skip calibration entirely
         batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
         torch.manual_seed(0)
-        stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+        if keep is not None:
+            stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+        if needs_grad:
+            stats = calibrate_gradients(model, batches, job.targets, stats, progress=progress)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     t2 = time.perf_counter()
     options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten) | job.options
-    p = plan(stats if impl.needs != "none" else None, model, method=job.method, targets=job.targets, **options)
+    p = plan(stats if impl.needs != "none" or needs_grad else None, model, method=job.method, targets=job.targets,
+             **options)
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = export(peft_model, job.out, plan=p)

@@ -221,7 +221,10 @@ def methods_cmd():
         t.add_column(col, overflow="fold")
     observes = {"none": "nothing (no calibration)", "spectrum": "top-k input spectrum", "moments": "input XᵀX (full)"}
     for name, impl in all_methods().items():
-        t.add_row(name, observes[impl.needs], getattr(impl, "base_change", "W ← W − s·B·A") if impl.changes_base else "unchanged",
+        seen = observes[impl.needs]
+        if getattr(impl, "needs_grad", False):  # the task loss's weight gradient (one backward per batch)
+            seen = "weight gradient of the task loss" if impl.needs == "none" else f"{seen} + weight gradient"
+        t.add_row(name, seen, getattr(impl, "base_change", "W ← W − s·B·A") if impl.changes_base else "unchanged",
                   f"{impl.default_lr:g}", impl.summary)
     console.print(t)
 

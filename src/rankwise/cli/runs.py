@@ -189,7 +189,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
     from ..export.peft import export, export_merged
-    from ..methods import config_options, keep_for
+    from ..methods import config_options, grads_for, keep_for
     from ..models import load_model
     from ..plan.plan import Plan, plan
     from .report import write_report
@@ -219,8 +219,13 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     if keep is not None:  # data-free methods skip calibration entirely; on a compressed base, its own activations
         stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
                           progress=progress)
+    if grads_for([cfg.init.method]):  # LoRA-GA, LoRA-One, LoRA-SB: the task loss's weight gradient, once
+        from ..calib.gradients import calibrate_gradients
+
+        stats = calibrate_gradients(model, calib, cfg.init.targets, stats, progress=progress)
     options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
-                             whiten=cfg.init.whiten, seed=cfg.train.seed) | cfg.init.method_options()
+                             whiten=cfg.init.whiten, seed=cfg.train.seed, first_lr=_first_lr(cfg))
+    options |= cfg.init.method_options()
     p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, originals=originals, **options)
     del originals
     p.save(out / "plan.json")
@@ -247,6 +252,15 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
     return summary
+
+
+def _first_lr(cfg: RunConfig) -> float:
+    """The learning rate of the run's first optimizer step (LoRA-SB simulates that step)."""
+    from ..methods import get_init
+    from ..train.loop import lr_factor
+
+    lr = cfg.train.lr if cfg.train.lr is not None else float(getattr(get_init(cfg.init.method), "default_lr", 5e-4))
+    return lr * lr_factor(0, cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
 
 
 def _compress_base(model, calib, cfg: RunConfig, out: Path, progress: bool, log) -> dict | None:

@@ -61,8 +61,15 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
         raise ConfigError(f"export format {format!r} is not one of {FORMATS}")
     if not hasattr(model, "peft_config"):
         raise ConfigError("format 'peft' needs a model returned by adapt_ (a PeftModel)")
+    from ..cores import fold_cores_, has_cores
+
     out = Path(out_dir)
     meta = adapter_meta(model)
+    if has_cores(model):  # LoRA-SB, SVFit: written as the plain LoRA B·(R·A) they compute
+        import copy
+
+        model = copy.deepcopy(model)
+        fold_cores_(model)
     with staging_dir(out) as tmp:
         model.save_pretrained(tmp)
         cfg_path = tmp / "adapter_config.json"

@@ -41,6 +41,9 @@ class LayerInit:
     residual: bool = False
     note: str = ""  # recorded in the plan (e.g. "covariance dampened by 2% of its mean diagonal")
     base: nn.Module | None = None  # a re-made compressed base for the layer (LoftQ: codes of W − s·B·A)
+    # A trained core between a frozen A and B (the adapter is s·B·R·A): [r, r] for a full core (LoRA-SB),
+    # [r] for a diagonal one (SVFit). None: plain LoRA, A and B trained.
+    core: Tensor | None = None
 
 
 class InitMethod(Protocol):
@@ -52,6 +55,9 @@ class InitMethod(Protocol):
     # True: init() also takes original= (the float weight a compressed base was made from) and module= (the
     # compressed layer itself), for the methods that start from the compression error (loftq, compensation).
     needs_original: bool
+    # True: the method starts from the weight gradient of the task loss (calibrate_gradients); init() then
+    # also takes grad= (the mean-loss gradient [out, in] of that layer).
+    needs_grad: bool
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
         """Scores [m ≤ cap], descending, for the allocation to rank across layers."""
@@ -99,6 +105,11 @@ def keep_for(methods: list[str], rank: int, rho: float = 1.0) -> str | int | Non
     if "spectrum" in needs:
         return max(1, round(rank * rho))
     return None
+
+
+def grads_for(methods: list[str]) -> bool:
+    """Whether one calibration must also collect weight gradients for these methods (once for all of them)."""
+    return any(getattr(get_init(m), "needs_grad", False) for m in methods)
 
 
 def scaling(alpha: float, rank: int, rslora: bool) -> float:

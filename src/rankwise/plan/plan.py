@@ -18,7 +18,7 @@ from ..calib.stats import Stats
 from ..targets import find_targets
 
 
-TENSORS = {"lora_A", "lora_B", "new_base"}  # a LayerPlan's fields that plan.json does not hold
+TENSORS = {"lora_A", "lora_B", "new_base", "core"}  # a LayerPlan's fields that plan.json does not hold
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LayerPlan:
     lora_A: Tensor | None = field(default=None, repr=False)
     lora_B: Tensor | None = field(default=None, repr=False)
     new_base: nn.Module | None = field(default=None, repr=False)  # a re-made compressed base (LoftQ's codes)
+    core: Tensor | None = field(default=None, repr=False)  # a trained core between frozen A and B (LoRA-SB, SVFit)
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in TENSORS}
@@ -94,6 +95,9 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
         raise PlanError(f"method {method!r} starts from the compression error W − Q, so it needs the original float "
                         "weights: compress the base in the same run (a `base:` section; rankwise.compress.base.compress_base; "
                         "not with awq, whose folded scales change the float weights as well)")
+    if getattr(impl, "needs_grad", False) and (stats is None or not stats.grads):
+        raise PlanError(f"method {method!r} starts from the weight gradient of the task loss: calibrate with "
+                        "gradients (rankwise.calib.gradients.calibrate_gradients on labelled batches) and pass its Stats")
     if stats is None:
         if impl.needs != "none":
             raise PlanError(f"method {method!r} initializes from data: run calibrate() first and pass its Stats")
@@ -108,14 +112,15 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
     modules = dict(model.named_modules())
     names = list(stats.order)
-    weights = {n: modules[n].weight for n in names}
-    too_small = [(n, min(w.shape)) for n, w in weights.items() if min(w.shape) < cfg.rank]
+    weights = _Weights(modules)
+    shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
+    too_small = [(n, min(shape)) for n, shape in shapes.items() if min(shape) < cfg.rank]
     if too_small:
         n, width = too_small[0]
         raise PlanError(f"rank {cfg.rank} is larger than layer {n} (smallest side {width}); "
                         f"use --rank ≤ {width} or leave that layer out of the targets")
     cap_mult = getattr(cfg, "rho", 1.0)
-    caps = {n: min(round(cfg.rank * cap_mult), *weights[n].shape) for n in names}
+    caps = {n: min(round(cfg.rank * cap_mult), *shapes[n]) for n in names}
     layer_stats = stats.__getitem__ if stats.layers else (lambda n: None)  # data-free methods get None
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
@@ -130,15 +135,29 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     for n in names:
         r = ranks[n]
         a = alpha * r / cfg.rank if getattr(cfg, "adjust_scaling", True) else alpha
-        lp = LayerPlan(r, float(a), weights[n].shape[1], weights[n].shape[0], [float(v) for v in scores[n][:r]])
+        lp = LayerPlan(r, float(a), shapes[n][1], shapes[n][0], [float(v) for v in scores[n][:r]])
         if r > 0:
             extra = {"original": originals[n], "module": modules[n]} if getattr(impl, "needs_original", False) else {}
+            if getattr(impl, "needs_grad", False):
+                extra["grad"] = stats.gradient(n)
             li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
             lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
+            lp.core = None if li.core is None else li.core.detach().cpu()
         layers[n] = lp
     resolved = cfg.model_dump() | {"alpha": alpha}
     return Plan(method, resolved, layers)
+
+
+class _Weights:
+    """modules[n].weight on each access, not kept: a compressed layer's weight is dequantized (or B·A built)
+    for the layer at hand only, so planning never holds a float copy of every layer at once."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.modules[name].weight
 
 
 def _group_scores(impl, stats: Stats, weights, cfg, caps) -> dict[str, Tensor]:
