@@ -4,8 +4,8 @@
 (b) gsm8k: SmolLM2-135M on GSM8K (prompt = question, loss on the answer tokens), 30 steps × 4 × 256,
     answer-token eval loss on 16 test records every 5 steps, and the steps to reach random LoRA's final loss.
 
-Per method: a log grid of learning rates (×3 apart, around the method's default), widened by one value
-past an edge while the best is at that edge (at most 7), then seeds 1 and 2 at the best rate. Each run
+Per method: four learning rates on the 1-3-10 ladder (two below the method's default, the default, one
+above), widened by one rung past an edge while the best is at that edge (at most 7), then seeds 1 and 2 at the best rate. Each run
 records its init time (calibration, gradients, plan, adapt) and the time of one forward pass over the same
 calibration tokens in the same process, for the ratio. Resumable: one record per finished run in
 benchmarks/results/init_zoo.json, skipped when rerun; --summary prints the tables from what is there.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -56,9 +57,17 @@ def key(task: str, method: str, lr: float, seed: int) -> str:
     return f"{task}/{method}/{lr:.3g}/s{seed}"
 
 
+LADDER = [float(f"{m}e{k}") for k in range(-6, 0) for m in (1, 3)]  # 1e-6, 3e-6, …, 1e-1, 3e-1
+
+
+def _rung(lr: float) -> int:
+    return min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
+
+
 def base_grid(method: str) -> list[float]:
-    d = get_init(method).default_lr
-    return [float(f"{d * f:.3g}") for f in (1 / 9, 1 / 3, 1, 3)]
+    """Four rungs of the 1-3-10 ladder: two below the method's default, the default, one above."""
+    i = _rung(get_init(method).default_lr)
+    return LADDER[max(0, i - 2): i + 2]
 
 
 class Results:
@@ -140,7 +149,8 @@ def next_lr(records: dict, task: str, method: str) -> float | None:
     best = best_lr(records, task, method)
     if best is None or len(lrs) >= MAX_GRID or not (best == lrs[0] or best == lrs[-1]):
         return None
-    return float(f"{(lrs[0] / 3 if best == lrs[0] else lrs[-1] * 3):.3g}")
+    i = _rung(lrs[0]) - 1 if best == lrs[0] else _rung(lrs[-1]) + 1
+    return LADDER[i] if 0 <= i < len(LADDER) else None
 
 
 def run_all(res: Results, tasks: list[str], methods: list[str], root: str, stages: list[str]) -> None:

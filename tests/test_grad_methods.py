@@ -332,3 +332,37 @@ def test_methods_are_listed_with_their_options():
     assert r.returncode == 0 and "direction: ArB2r" in r.stdout and "gamma: 16.0" in r.stdout
     r = run("config", "show", "--method", "lora-sb")
     assert r.returncode == 0 and "first_lr: null" in r.stdout
+
+
+def test_the_invariants_hold_on_a_bert_classifier():
+    """The same invariants on a tiny BERT with a classification loss: LoRA-GA and SVFit start at the base's
+    outputs, LoRA-One at s·[−G]_r/(γσ₁), LoRA-SB at [−η·sign G]_r with r² trained numbers per layer, SVFit r."""
+    model, batches = _seq_cls_model(), _cls_batches()
+    targets, r, s = "query,value,dense", 2, 2.0
+    stats = calibrate_gradients(model, batches, targets, progress=False)
+    assert stats.grad_count == sum(b["labels"].numel() for b in batches)
+    b0 = batches[0]
+
+    def logits(m):
+        return m(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"]).logits.detach()
+
+    ref = logits(model)
+    for method in METHODS:
+        p = plan(stats if method in GRAD_METHODS else None, model, method=method, targets=targets, rank=r, alpha=r * s,
+                 **({"first_lr": 1e-3} if method == "lora-sb" else {}))
+        pm = adapt_(copy.deepcopy(model), p)
+        trainable = [t for t in pm.parameters() if t.requires_grad]
+        if method in ("lora-ga", "svfit"):
+            assert (logits(pm) - ref).abs().max() <= 1e-5, method
+        if method == "lora-sb":
+            assert all(t.shape == (r, r) for t in trainable) and len(trainable) == len(p.active())
+        if method == "svfit":
+            assert all(t.shape == (r,) for t in trainable) and len(trainable) == len(p.active())
+        for n in p.active():
+            if method not in ("lora-one", "lora-sb"):
+                continue
+            g = stats.gradient(n).double()
+            u, sv, vh = torch.linalg.svd(-g if method == "lora-one" else -1e-3 * torch.sign(g), full_matrices=False)
+            best = (u[:, :r] * sv[:r]) @ vh[:r]
+            want = s * best / (128.0 * torch.linalg.svdvals(g)[0]) if method == "lora-one" else best
+            assert _rel((_effective(pm, n) - model.get_submodule(n).weight).double(), want) <= 1e-4, (method, n)
