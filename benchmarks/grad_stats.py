@@ -15,8 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,32 +24,10 @@ import torch
 import rankwise as rw
 from rankwise.calib.gradients import calibrate_gradients
 
+sys.path.insert(0, str(Path(__file__).parent))
+from resident import MMAP_ENV, peak_during, rss  # noqa: E402
+
 GiB = 2**30
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_during(fn):
-    """(result, seconds, peak resident bytes) of fn(), sampled every 5 ms by a thread."""
-    peak, stop = [rss()], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.005)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    t = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        stop.set()
-        th.join()
-    return out, time.perf_counter() - t, peak[0]
 
 
 def probe() -> dict:
@@ -78,8 +54,8 @@ def probe() -> dict:
 
 
 def main():
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
-        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    if any(os.environ.get(k) != v for k, v in MMAP_ENV.items()):
+        env = os.environ | MMAP_ENV
         raise SystemExit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
     torch.set_num_threads(os.cpu_count() or 1)
     row = probe() | {"machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__}

@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from rankwise.train.loop import TrainConfig, eval_loss, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantize import Results, ppl  # noqa: E402
+from resident import MMAP_ENV, peak_during, rss  # noqa: E402
 
 HERE = Path(__file__).parent
 BASES = {"W3g64": dict(bits=3, group_size=64), "W4g64": dict(bits=4, group_size=64)}
@@ -123,11 +123,6 @@ def svd(res: Results, args) -> None:
                                              "loss": [h["loss"] for h in r.history], "seconds": time.perf_counter() - t})
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 MEMORY_BATCHES = [1, 4]
 
 
@@ -142,19 +137,10 @@ def memory_probe(path: str, root: str, batch: int) -> dict:
     tr, _ = gsm8k(root, tok, 5, batch)
     pm = adapt_(base, rw.plan(None, base, method="lora", rank=8, alpha=16))
     held = sum(t.numel() * t.element_size() for t in list(pm.parameters()) + list(pm.buffers()))
-    before, peak, stop = rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.005)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    train(pm, tr, None, TrainConfig(steps=5, batch_size=batch, lr=1e-4, save_every=10**9), tok, progress=False)
-    stop.set()
-    th.join()
-    return {"model_bytes": held, "rss_before_training": before, "peak_rss_training": peak[0], "batch": batch}
+    before = rss()
+    _, _, peak = peak_during(lambda: train(pm, tr, None, TrainConfig(steps=5, batch_size=batch, lr=1e-4, save_every=10**9),
+                                           tok, progress=False))
+    return {"model_bytes": held, "rss_before_training": before, "peak_rss_training": peak, "batch": batch}
 
 
 def memory(res: Results, args) -> None:
@@ -174,10 +160,7 @@ def memory(res: Results, args) -> None:
             torch.save(model, Path(tmp) / f"{kind}.pt")
             del model
         del base
-        # glibc keeps freed heap memory resident, and how much varied between identical runs (the quantized
-        # base's resident memory before training: 0.77 to 1.91 GB); with a fixed mmap threshold every large
-        # tensor is its own mapping, returned when freed, so resident memory follows what is alive (±0.01 GB).
-        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+        env = os.environ | MMAP_ENV  # resident memory that follows what is alive (see resident.py)
         for kind, batch in todo:
             out = subprocess.run([sys.executable, __file__, "--memory-probe", str(Path(tmp) / f"{kind}.pt"),
                                   "--data", args.data, "--batch", str(batch)],

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..numerics.lowrank import svd_part
+from ..numerics.lowrank import split_factors, svd_part
 from . import InitConfig, LayerInit, register_init
 
 
@@ -37,7 +37,5 @@ class LoraOne:
     def init(self, stats, weight: Tensor, rank: int, cfg: LoraOneConfig, name: str = "", scale: float = 1.0,
              grad: Tensor | None = None) -> LayerInit:
         u, s, vh = svd_part(-grad, rank)
-        norm = (cfg.gamma * s[0].clamp_min(1e-30)) ** 0.5
-        root = s.clamp_min(0).sqrt()
-        a, b = root[:, None] * vh / norm, u * root[None, :] / norm
+        a, b = split_factors(u, s, vh, cfg.gamma * float(s[0].clamp_min(1e-30)))  # B·A = [−G]_r/(γ·σ₁), split evenly
         return LayerInit(a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous())

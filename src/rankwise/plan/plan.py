@@ -112,7 +112,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
     modules = dict(model.named_modules())
     names = list(stats.order)
-    weights = _Weights(modules)
+    # a compressed layer's .weight is computed on access (dequantized, or B·A): read per layer, never all kept
     shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
     too_small = [(n, min(shape)) for n, shape in shapes.items() if min(shape) < cfg.rank]
     if too_small:
@@ -124,9 +124,9 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     layer_stats = stats.__getitem__ if stats.layers else (lambda n: None)  # data-free methods get None
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
-        scores = {n: impl.candidates(layer_stats(n), weights[n], cfg, caps[n]) for n in names}
+        scores = {n: impl.candidates(layer_stats(n), modules[n].weight, cfg, caps[n]) for n in names}
     else:
-        scores = _group_scores(impl, stats, weights, cfg, caps)
+        scores = _group_scores(impl, stats, modules, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
     if getattr(impl, "needs_original", False) and (missing := [n for n in names if n not in originals]):
         raise PlanError(f"method {method!r}: no original weight for {missing[0]} ({len(missing)} layers in all); "
@@ -140,7 +140,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
             extra = {"original": originals[n], "module": modules[n]} if getattr(impl, "needs_original", False) else {}
             if getattr(impl, "needs_grad", False):
                 extra["grad"] = stats.gradient(n)
-            li = impl.init(layer_stats(n), weights[n].detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
+            li = impl.init(layer_stats(n), modules[n].weight.detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
             lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
             lp.core = None if li.core is None else li.core.detach().cpu()
@@ -149,23 +149,12 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     return Plan(method, resolved, layers)
 
 
-class _Weights:
-    """modules[n].weight on each access, not kept: a compressed layer's weight is dequantized (or B·A built)
-    for the layer at hand only, so planning never holds a float copy of every layer at once."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.modules = modules
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.modules[name].weight
-
-
-def _group_scores(impl, stats: Stats, weights, cfg, caps) -> dict[str, Tensor]:
+def _group_scores(impl, stats: Stats, modules, cfg, caps) -> dict[str, Tensor]:
     """Candidate scores per module; modules sharing an input share one spectrum (computed once)."""
     scores: dict[str, Tensor] = {}
     for canonical, members in stats.groups().items():
         cap = max(caps[m] for m in members)
-        s = impl.candidates(stats[canonical], weights[canonical], cfg, cap)
+        s = impl.candidates(stats[canonical], modules[canonical].weight, cfg, cap)
         for m in members:
             scores[m] = s[: caps[m]]
     return scores
