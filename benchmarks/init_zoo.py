@@ -64,9 +64,15 @@ def _rung(lr: float) -> int:
     return min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
 
 
+# Each method's default rate when the sweep started: the grid's centre stays put when the sweep's results
+# become the defaults (later methods, not listed, centre on their current default).
+GRID_CENTRE = {"lora": 1e-3, "rslora": 1e-3, "eva": 5e-4, "pissa": 5e-4, "olora": 5e-4, "milora": 5e-4, "corda": 5e-4,
+               "lora-ga": 5e-5, "lora-sb": 1e-3, "lora-one": 2e-4, "svfit": 1e-3}
+
+
 def base_grid(method: str) -> list[float]:
-    """Four rungs of the 1-3-10 ladder: two below the method's default, the default, one above."""
-    i = _rung(get_init(method).default_lr)
+    """Four rungs of the 1-3-10 ladder: two below the method's centre rate, the centre, one above."""
+    i = _rung(GRID_CENTRE.get(method) or get_init(method).default_lr)
     return LADDER[max(0, i - 2): i + 2]
 
 
@@ -96,38 +102,70 @@ def _forward_seconds(model, calib) -> float:
     return time.perf_counter() - t
 
 
-def one_run(task: str, root: str, method: str, lr: float, seed: int) -> dict:
-    spec = TASKS[task]
+def _kaiming_energy_scale_(model, stats, rank: int) -> dict[str, float]:
+    """Scale each layer's A (B = 0, so the outputs do not move) so that E‖Ax‖² equals what peft's Kaiming-uniform
+    A passes on the same inputs: r·E‖x‖²/(3·d) (rows U(±1/√d)). EVA's rows are unit eigenvectors of the scatter
+    and pass Σᵢ(λᵢ/n + (vᵢ·μ)²). Returns the factor per layer."""
+    factors = {}
+    for name, mod in model.named_modules():
+        if not hasattr(mod, "lora_A") or "default" not in getattr(mod, "lora_A", {}):
+            continue
+        key_ = name.removeprefix("base_model.model.")
+        if key_ not in stats:
+            continue
+        st, a = stats[key_], mod.lora_A["default"].weight
+        r, d = a.shape
+        mu = st.mean
+        second = (st.spectrum(1)[2] / st.n + float(mu @ mu))  # E‖x‖² = tr(scatter)/n + ‖μ‖²
+        rows = a.detach().double()
+        eva = float(((rows @ mu) ** 2).sum() + (st.spectrum(r)[0][:r] / st.n).sum())
+        c = math.sqrt(r * second / (3 * d) / max(eva, 1e-30))
+        with torch.no_grad():
+            a.mul_(c)
+        factors[key_] = c
+    return factors
+
+
+def one_run(task: str, root: str, method: str, lr: float, seed: int, variant: dict | None = None) -> dict:
+    """One training run. variant (the EVA gap study, benchmarks/eva_gap.py): "opts" (method options over the
+    task's), "head_lr", "calib" (sentences), "targets", "a_scale" ("kaiming-energy")."""
+    variant = variant or {}
+    spec = {**TASKS[task], **{k: variant[k] for k in ("calib", "targets") if k in variant}}
     torch.manual_seed(seed)
     dcfg = spec["data"](root)
     model, tok = rw.load_model(spec["model"], task=spec["task"], labels=dcfg.labels)
     tr, ev = load_dataset(dcfg, tok, spec["task"])
     calib = batchify(tr.examples[: spec["calib"]], tok, spec["calib_batch"])
     forward_s = _forward_seconds(model, calib)
-    opts = {"rank": spec["rank"], "alpha": spec["alpha"]}
+    opts = {"rank": spec["rank"], "alpha": spec["alpha"], **variant.get("opts", {})}
     impl = get_init(method)
     if "seed" in impl.config.model_fields:
         opts["seed"] = seed
     if "first_lr" in impl.config.model_fields:  # LoRA-SB: the first step this run's schedule takes
         opts["first_lr"] = lr / (max(1, spec["steps"] // 10) + 1)
     t0 = time.perf_counter()
-    keep = keep_for([method], spec["rank"], 2.0)
+    keep = keep_for([method], spec["rank"], opts.get("rho", 2.0))
     stats = rw.calibrate(model, calib, spec["targets"], keep=keep, progress=False) if keep is not None else None
     if grads_for([method]):
         stats = calibrate_gradients(model, calib, spec["targets"], stats, progress=False)
     p = rw.plan(stats, model, method=method, targets=spec["targets"], **opts)
     extra = {"modules_to_save": head_modules(model)} if spec["task"] == "seq-cls" else {}
     model = rw.adapt_(model, p, **extra)
+    a_scale = None
+    if variant.get("a_scale") == "kaiming-energy":
+        a_scale = _kaiming_energy_scale_(model, stats, spec["rank"])
     init_s = time.perf_counter() - t0
     trainable = sum(t.numel() for n, t in model.named_parameters() if t.requires_grad and "modules_to_save" not in n)
     cfg = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], lr=lr, eval_every=spec["eval_every"],
-                      warmup_steps=max(1, spec["steps"] // 10), seed=seed, save_every=10**9)
+                      warmup_steps=max(1, spec["steps"] // 10), seed=seed, save_every=10**9,
+                      head_lr=variant.get("head_lr"))
     t1 = time.perf_counter()
     res = train(model, tr, ev, cfg, tok, progress=False)
     curve = [{k: r[k] for k in ("step", "eval_loss", "eval_accuracy") if k in r} for r in res.history if "eval_loss" in r]
     return {"task": task, "method": method, "lr": lr, "seed": seed, "init_seconds": init_s, "forward_seconds": forward_s,
             "init_over_forward": init_s / forward_s, "trainable": trainable, "curve": curve, "final": curve[-1],
-            "train_seconds": time.perf_counter() - t1}
+            "train_seconds": time.perf_counter() - t1, "variant": variant,
+            **({"a_scale_median": statistics.median(a_scale.values())} if a_scale else {})}
 
 
 def sweep_runs(records: dict, task: str, method: str) -> dict[float, dict]:
@@ -187,8 +225,8 @@ def summarize(records: dict) -> dict:
                 continue
             seeds = [r for k, r in records.items() if k.startswith(f"{task}/{method}/") and r["lr"] == best]
             finals = [r["final"][name] for r in seeds]
-            rows[method] = {"best_lr": best, "edge": next_lr(records, task, method) is not None,
-                            "grid": sorted(sweep_runs(records, task, method)), "seeds": len(seeds),
+            grid = sorted(sweep_runs(records, task, method))
+            rows[method] = {"best_lr": best, "edge": best in (grid[0], grid[-1]), "grid": grid, "seeds": len(seeds),
                             "mean": statistics.mean(finals), "std": statistics.pstdev(finals) if len(finals) > 1 else None,
                             "init_over_forward": statistics.median(r["init_over_forward"] for r in seeds),
                             "trainable": seeds[0]["trainable"]}
