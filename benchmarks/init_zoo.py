@@ -4,7 +4,8 @@
 (b) gsm8k: SmolLM2-135M on GSM8K (prompt = question, loss on the answer tokens), 30 steps × 4 × 256,
     answer-token eval loss on 16 test records every 5 steps, and the steps to reach random LoRA's final loss.
 
-Per method: four learning rates on the 1-3-10 ladder (two below the method's default, the default, one
+Rows: every registered method at its defaults, and eva-whiten (EVA with whiten=True, the variant that closed
+its SST-2 gap in benchmarks/eva_gap.py; its seed-0 SST-2 runs there were copied in). Per method: four learning rates on the 1-3-10 ladder (two below the method's default, the default, one
 above), widened by one rung past an edge while the best is at that edge (at most 7), then seeds 1 and 2 at the best rate. Each run
 records its init time (calibration, gradients, plan, adapt) and the time of one forward pass over the same
 calibration tokens in the same process, for the ratio. Resumable: one record per finished run in
@@ -36,7 +37,7 @@ from rankwise.methods import get_init, grads_for, keep_for
 from rankwise.train import TrainConfig, train
 
 HERE = Path(__file__).parent
-METHODS = ["lora", "rslora", "eva", "pissa", "olora", "milora", "corda", "lora-ga", "lora-sb", "lora-one", "svfit"]
+METHODS = ["lora", "rslora", "eva", "eva-whiten", "pissa", "olora", "milora", "corda", "lora-ga", "lora-sb", "lora-one", "svfit"]
 TASKS = {
     "sst2": dict(model="minilm", task="seq-cls", targets=["query", "key", "value", "dense"], rank=8, alpha=16,
                  steps=150, batch_size=32, eval_every=15, calib=256, calib_batch=16,
@@ -49,6 +50,8 @@ TASKS = {
                                                prompt_field="question", completion_field="answer", seq_len=256,
                                                max_train_examples=30 * 4, max_eval_examples=16)),
 }
+# Rows that are a registered method with options other than its defaults: name -> (method, variant).
+ROWS = {"eva-whiten": ("eva", {"opts": {"whiten": True}})}
 METRIC = {"sst2": ("eval_accuracy", max), "gsm8k": ("eval_loss", min)}
 MAX_GRID = 7
 
@@ -66,7 +69,7 @@ def _rung(lr: float) -> int:
 
 # Each method's default rate when the sweep started: the grid's centre stays put when the sweep's results
 # become the defaults (later methods, not listed, centre on their current default).
-GRID_CENTRE = {"lora": 1e-3, "rslora": 1e-3, "eva": 5e-4, "pissa": 5e-4, "olora": 5e-4, "milora": 5e-4, "corda": 5e-4,
+GRID_CENTRE = {"lora": 1e-3, "rslora": 1e-3, "eva": 5e-4, "eva-whiten": 5e-4, "pissa": 5e-4, "olora": 5e-4, "milora": 5e-4, "corda": 5e-4,
                "lora-ga": 5e-5, "lora-sb": 1e-3, "lora-one": 2e-4, "svfit": 1e-3}
 
 
@@ -129,6 +132,10 @@ def _kaiming_energy_scale_(model, stats, rank: int) -> dict[str, float]:
 def one_run(task: str, root: str, method: str, lr: float, seed: int, variant: dict | None = None) -> dict:
     """One training run. variant (the EVA gap study, benchmarks/eva_gap.py): "opts" (method options over the
     task's), "head_lr", "calib" (sentences), "targets", "a_scale" ("kaiming-energy")."""
+    row = method
+    if row in ROWS:
+        method, fixed = ROWS[row]
+        variant = {**fixed, **(variant or {})}
     variant = variant or {}
     spec = {**TASKS[task], **{k: variant[k] for k in ("calib", "targets") if k in variant}}
     torch.manual_seed(seed)
@@ -162,7 +169,7 @@ def one_run(task: str, root: str, method: str, lr: float, seed: int, variant: di
     t1 = time.perf_counter()
     res = train(model, tr, ev, cfg, tok, progress=False)
     curve = [{k: r[k] for k in ("step", "eval_loss", "eval_accuracy") if k in r} for r in res.history if "eval_loss" in r]
-    return {"task": task, "method": method, "lr": lr, "seed": seed, "init_seconds": init_s, "forward_seconds": forward_s,
+    return {"task": task, "method": row, "lr": lr, "seed": seed, "init_seconds": init_s, "forward_seconds": forward_s,
             "init_over_forward": init_s / forward_s, "trainable": trainable, "curve": curve, "final": curve[-1],
             "train_seconds": time.perf_counter() - t1, "variant": variant,
             **({"a_scale_median": statistics.median(a_scale.values())} if a_scale else {})}

@@ -31,3 +31,7 @@ class ConfigError(RankwiseError):
 
 class QuantError(RankwiseError):
     """A model or layer cannot be quantized as asked."""
+
+
+class DistributedError(RankwiseError):
+    """A multi-process run cannot go on: another rank failed, or the processes disagree."""

@@ -32,9 +32,13 @@ class InitJob(StrictModel):
 
 
 def run_init(job: InitJob, progress: bool = True) -> dict:
-    """Run the init job; returns {"plan", "out", "seconds": {...}} after writing job.out."""
+    """Run the init job; returns {"plan", "model", "out", "tokens", "seconds": {...}} after writing job.out.
+
+    Under torchrun the calibration batches are shared out, the statistics summed, the plan checked equal on
+    every rank, and rank 0 writes job.out."""
     import torch
 
+    from .. import distributed as dist
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
     from ..data.sources import load_data
@@ -44,30 +48,42 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from ..plan.plan import plan
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
+    device = dist.init_from_env(job.device)
+    progress = progress and dist.is_main()
     t0 = time.perf_counter()
-    model, tok = load_model_on(job.model, job.device)
-    t1 = time.perf_counter()
-    stats, tokens = None, 0
+    stats, tokens, batches = None, 0, None
     keep = "full" if job.save_stats else keep_for([job.method], job.rank, job.rho)
     needs_grad = grads_for([job.method])
-    if keep is not None or needs_grad:  # data-free methods skip calibration entirely
-        batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
-        torch.manual_seed(0)
-        if keep is not None:
-            stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
-        if needs_grad:
-            stats = calibrate_gradients(model, batches, job.targets, stats, progress=progress)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    t2 = time.perf_counter()
-    options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten) | job.options
-    p = plan(stats if impl.needs != "none" or needs_grad else None, model, method=job.method, targets=job.targets,
-             **options)
+    with dist.together("loading the model and the data"):
+        model, tok = load_model_on(job.model, device)
+        if keep is not None or needs_grad:  # data-free methods skip calibration entirely
+            batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
+            batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
+    t1 = time.perf_counter()
+    with dist.together("calibrating and planning"):
+        if batches is not None:
+            torch.manual_seed(0)
+            if keep is not None:
+                stats = calibrate(model, batches, job.targets, use_label_mask=job.use_label_mask, keep=keep, progress=progress)
+            if needs_grad:
+                stats = calibrate_gradients(model, batches, job.targets, stats, progress=progress)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        t2 = time.perf_counter()
+        options = config_options(job.method, rank=job.rank, alpha=job.alpha, rho=job.rho, whiten=job.whiten) | job.options
+        p = plan(stats if impl.needs != "none" or needs_grad else None, model, method=job.method, targets=job.targets,
+                 **options)
+    if dist.active():
+        tokens = int(dist.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64)).item())
+    p = dist.agree(p, p.fingerprint(), "the plan")
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
-    out = export(peft_model, job.out, plan=p)
-    if job.save_stats:
-        stats.save(out / "stats.safetensors")
-    return {"plan": p, "out": out, "tokens": tokens,
+    out = Path(job.out)
+    with dist.together("exporting the adapter"):
+        if dist.is_main():
+            out = export(peft_model, job.out, plan=p)
+            if job.save_stats:
+                stats.save(out / "stats.safetensors")
+    return {"plan": p, "model": peft_model, "out": out, "tokens": tokens,
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "plan_adapt": t3 - t2, "export": time.perf_counter() - t3}}
 
 

@@ -25,8 +25,20 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Run the command in N processes on this machine (torchrun "
+                              "--standalone): data shared out, statistics summed, rank 0 writes. Across machines, "
+                              "launch `python -m rankwise.cli.main` with torchrun yourself (docs/distributed.md)."),
+) -> None:
     """rankwise: adapt and compress pretrained transformers from what they compute on your data."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        console.quiet = True  # under torchrun, rank 0 speaks for the run (errors still come from every rank)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ..distributed import launch
+
+        sys.exit(launch(nproc, sys.argv[1:]))
 
 
 @app.command()
@@ -57,6 +69,8 @@ def init(
                         whiten=whiten, targets=targets, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
                         use_label_mask=use_label_mask, device=device, out=out, save_stats=save_stats, options=_init_opts(init_opt))
     result = run_init(job, progress=not quiet)
+    if not _is_main():
+        return
     print_plan(result["plan"], console)
     s = result["seconds"]
     head = f"calibrated on {result['tokens']} tokens" if result["tokens"] else "no calibration (the method needs no data)"
@@ -95,6 +109,8 @@ def quantize(
                          n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
                          eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"))
     s = run_quantize(job, progress=not quiet, log=console.print)
+    if not _is_main():
+        return
     ppl = s["perplexity"]
     if ppl["before"] is not None:
         console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f} ({eval_tokens} tokens)")
@@ -315,6 +331,8 @@ def train(
             raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start one without --resume")
     cfg = load_config(config, overrides)
     summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=console.print)
+    if not _is_main():
+        return
     base = summary.get("base", {})
     console.print(f"run folder: [bold]{cfg.out}[/bold] — report.md, adapter/ (peft)" + (", merged/" if cfg.merge else "") +
                   (", base/ (the compressed base)" if base.get("folder") else "") + (", requantized/" if "requantized" in base else "") +
@@ -364,6 +382,12 @@ def export_cmd(
     console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
 
 
+def _is_main() -> bool:
+    from ..distributed import is_main
+
+    return is_main()
+
+
 def main() -> None:
     from ..train.loop import TrainingInterrupted
 
@@ -373,11 +397,18 @@ def main() -> None:
         err.print(f"[bold yellow]{e}[/bold yellow]", highlight=False)
         sys.exit(130)
     except RankwiseError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        import os
+
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        err.print(f"[bold red]error{where}:[/bold red] {e}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        from ..distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

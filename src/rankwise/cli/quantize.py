@@ -44,9 +44,12 @@ def _held_out_ppl(model, stream: list[int] | None, job: QuantJob) -> float | Non
 
 
 def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
-    """Run the job; writes job.out/{model…, report.json, report.md, errors.png}; returns the summary."""
+    """Run the job; writes job.out/{model…, report.json, report.md, errors.png}; returns the summary.
+
+    Under torchrun the calibration batches are shared out and each block's statistics summed before it is
+    quantized, so every rank quantizes it identically; rank 0 evaluates and writes."""
+    from .. import distributed as dist
     from ..data.sources import check_source, load_data, read_stream
-    from ..export import export_model
     from ..quant import get_quantizer, quantize
     from .jobs import load_model_on
 
@@ -64,21 +67,41 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
                           "compensation is written beside it as a peft adapter) or safetensors (merged)")
     if quantizer.observe:
         check_source(job.data)
+    device = dist.init_from_env(job.device)
+    main = dist.is_main()
+    progress = progress and main
     t0 = time.perf_counter()
-    model, tok = load_model_on(job.model, job.device)
-    if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
-        from ..export.gguf import check_writable
+    with dist.together("loading the model and the data"):
+        model, tok = load_model_on(job.model, device)
+        if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
+            from ..export.gguf import check_writable
 
-        check_writable(model)
-    batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
-        if quantizer.observe else None
-    stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
-        if job.eval_tokens else None  # read and tokenized once, scored before and after
+            check_writable(model)
+        batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
+            if quantizer.observe else None
+        if batches is not None:
+            batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
+        stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
+            if job.eval_tokens and main else None  # read and tokenized once, scored before and after (rank 0)
     t1 = time.perf_counter()
     before = _held_out_ppl(model, stream, job)
     t2 = time.perf_counter()
-    report = quantize(model, batches, job.method, progress=progress, **options)
+    with dist.together("quantizing"):
+        report = quantize(model, batches, job.method, progress=progress, **options)
     t3 = time.perf_counter()
+    if not main:  # rank 0 evaluates and writes; the others wait for it
+        with dist.together("evaluating and exporting"):
+            pass
+        return {**report.to_dict(), "written": None}
+    with dist.together("evaluating and exporting"):
+        return _finish(model, tok, stream, report, job, before, (t0, t1, t2, t3))
+
+
+def _finish(model, tok, stream, report, job: QuantJob, before: float | None, times: tuple) -> dict:
+    """Rank 0: held-out perplexity after quantizing, export, report.json and report.md."""
+    from ..export import export_model
+
+    t0, t1, t2, t3 = times
     after = _held_out_ppl(model, stream, job)
     t4 = time.perf_counter()
     written = export_model(model, job.out / FORMAT_PATHS[job.format], job.format, tokenizer=tok)

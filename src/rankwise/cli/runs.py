@@ -185,59 +185,90 @@ def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
 
 def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
               log=print) -> dict:
-    """Run the full pipeline; returns a summary dict (also written to summary.json)."""
+    """Run the full pipeline; returns a summary dict (also written to summary.json).
+
+    Under torchrun every rank runs it: calibration batches and training micro-batches are shared out, the
+    statistics and gradients summed, the plan checked equal on every rank, and rank 0 alone evaluates and
+    writes the run folder (docs/distributed.md)."""
+    from .. import distributed as dist
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
-    from ..export.peft import export, export_merged
     from ..methods import config_options, grads_for, keep_for
     from ..models import load_model
-    from ..plan.plan import Plan, plan
-    from .report import write_report
+    from ..plan.plan import plan
     from ..train.loop import default_lr, train
 
     out, t0 = Path(cfg.out), time.perf_counter()
-    _check_sources(cfg)
-    keep = keep_for([cfg.init.method], cfg.init.rank, cfg.init.rho)  # (an unknown method fails here, before loading)
-    labels = _label_names(cfg)
-    if labels:
-        cfg.data.labels = labels  # recorded in config.yaml: the run's classes, in index order
-    if resume:
-        check_resume(cfg)
-    _prepare_out(out, resume, overwrite)
-    if not resume:
-        write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    torch.manual_seed(cfg.train.seed)
-    model, tok = load_model(cfg.model, task=cfg.task, labels=labels)
-    model.to(cfg.device)
-    train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
-    log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
-        f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
-        f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
-    calib = batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size)
-    originals = _compress_base(model, calib, cfg, out, progress, log)
-    stats = None
-    if keep is not None:  # data-free methods skip calibration entirely; on a compressed base, its own activations
-        stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
-                          progress=progress)
-    if grads_for([cfg.init.method]):  # LoRA-GA, LoRA-One, LoRA-SB: the task loss's weight gradient, once
-        from ..calib.gradients import calibrate_gradients
+    device = dist.init_from_env(cfg.device)
+    main = dist.is_main()
+    log, progress = (log, progress) if main else (_silent, False)
+    with dist.together("checking the config and the run folder"):
+        _check_sources(cfg)
+        keep = keep_for([cfg.init.method], cfg.init.rank, cfg.init.rho)  # (an unknown method fails here, before loading)
+        labels = _label_names(cfg)
+        if labels:
+            cfg.data.labels = labels  # recorded in config.yaml: the run's classes, in index order
+        if resume and main:
+            check_resume(cfg)
+        if main:
+            _prepare_out(out, resume, overwrite)
+        if main and not resume:
+            write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    with dist.together("loading the model and the data"):
+        torch.manual_seed(cfg.train.seed)
+        model, tok = load_model(cfg.model, task=cfg.task, labels=labels)
+        model.to(device)
+        train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
+        log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
+            f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
+            f"{train_ds.dropped + eval_ds.dropped} dropped (nothing left to score)")
+        calib = dist.shard(batchify(train_ds.examples[: cfg.init.calib_samples], tok, cfg.init.calib_batch_size),
+                           "calibration batches (init.calib_samples / init.calib_batch_size)")
+    with dist.together("calibrating and planning"):
+        originals = _compress_base(model, calib, cfg, out, progress, log)
+        stats = None
+        if keep is not None:  # data-free methods skip calibration entirely; on a compressed base, its own activations
+            stats = calibrate(model, calib, cfg.init.targets, use_label_mask=cfg.init.use_label_mask, keep=keep,
+                              progress=progress)
+        if grads_for([cfg.init.method]):  # LoRA-GA, LoRA-One, LoRA-SB: the task loss's weight gradient, once
+            from ..calib.gradients import calibrate_gradients
 
-        stats = calibrate_gradients(model, calib, cfg.init.targets, stats, progress=progress)
-    options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
-                             whiten=cfg.init.whiten, seed=cfg.train.seed, first_lr=_first_lr(cfg))
-    options |= cfg.init.method_options()
-    p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, originals=originals, **options)
-    del originals
-    p.save(out / "plan.json")
+            stats = calibrate_gradients(model, calib, cfg.init.targets, stats, progress=progress)
+        options = config_options(cfg.init.method, rank=cfg.init.rank, alpha=cfg.init.alpha, rho=cfg.init.rho,
+                                 whiten=cfg.init.whiten, seed=cfg.train.seed, first_lr=_first_lr(cfg))
+        options |= cfg.init.method_options()
+        p = plan(stats, model, method=cfg.init.method, targets=cfg.init.targets, originals=originals, **options)
+        del originals
+    p = dist.agree(p, p.fingerprint(), "the plan", log)
+    if main:
+        p.save(out / "plan.json")
     extra = {"modules_to_save": head_modules(model)} if cfg.task == "seq-cls" else {}
     model = adapt_(model, p, **extra)
-    before = _previous(out) if resume and (out / "before.json").exists() else held_out_metrics(model, tok, eval_ds, cfg)
-    write_text(out / "before.json", json.dumps(before))
+    with dist.together("evaluating before training"):
+        before = {}
+        if main:
+            before = _previous(out) if resume and (out / "before.json").exists() else held_out_metrics(model, tok, eval_ds, cfg)
+            write_text(out / "before.json", json.dumps(before))
     log(f"held-out before training: {_fmt(before)}")
     hint = f"rankwise train --out {out} --resume"
     if cfg.train.lr is None:
         cfg.train.lr = default_lr(model)  # the same default train() would pick, recorded for the report
     result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
+    if not main:  # rank 0 evaluates and writes; the others wait for it, so that no rank leaves early
+        with dist.together("evaluating and exporting"):
+            pass
+        return {"steps": result.step, "history": result.history}
+    with dist.together("evaluating and exporting"):
+        return _finish(model, tok, train_ds, eval_ds, cfg, p, result, before, t0, log)
+
+
+def _finish(model, tok, train_ds, eval_ds, cfg: RunConfig, p, result, before: dict, t0: float, log) -> dict:
+    """Rank 0: evaluate after training, export the adapter (and merged model, compressed base), report."""
+    from ..export.peft import export, export_merged
+    from ..plan.plan import Plan
+    from .report import write_report
+
+    out = Path(cfg.out)
     after = held_out_metrics(model, tok, eval_ds, cfg)
     log(f"held-out after {result.step} steps: {_fmt(after)}")
     export(model, out / "adapter", plan=p)
@@ -246,12 +277,17 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
         export_merged(model, tok, out / "merged")
     summary = {"before": before, "after": after, "steps": result.step, "seconds": time.perf_counter() - t0,
                "train_examples": len(train_ds.examples), "eval_examples": len(eval_ds.examples),
-               "truncated": train_ds.truncated + eval_ds.truncated, "labels": labels}
+               "truncated": train_ds.truncated + eval_ds.truncated,
+               "labels": cfg.data.labels if cfg.task == "seq-cls" else None}
     if cfg.base.method != "none":
         summary["base"] = _export_compressed(model, tok, eval_ds, cfg, out, log)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out, cfg, p if isinstance(p, Plan) else None, summary)
     return summary
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0: one process speaks for the run."""
 
 
 def _first_lr(cfg: RunConfig) -> float:
@@ -271,7 +307,10 @@ def _compress_base(model, calib, cfg: RunConfig, out: Path, progress: bool, log)
 
     t = time.perf_counter()
     report, originals = compress_base(model, calib, cfg.base.method, progress=progress, **cfg.base.options())
-    write_text(out / "base.json", json.dumps(report.to_dict(), indent=2, default=str))
+    from .. import distributed as dist
+
+    if dist.is_main():
+        write_text(out / "base.json", json.dumps(report.to_dict(), indent=2, default=str))
     log(f"base: {cfg.base.method} on {len(originals)} layers in {time.perf_counter() - t:.1f}s (frozen; report base.json)")
     return originals
 

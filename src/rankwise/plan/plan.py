@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
+import torch
 from torch import Tensor, nn
 
 from ..atomic import write_text
@@ -67,6 +69,19 @@ class Plan:
         return {"method": self.method, "config": self.config, "layers": {n: lp.summary() for n, lp in self.layers.items()},
                 "excluded": [n for n, lp in self.layers.items() if lp.rank == 0],
                 "rank_total": sum(lp.rank for lp in self.layers.values())}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the decisions and of every initial tensor, bit for bit: two ranks' plans are equal iff
+        their fingerprints are (a distributed run checks this instead of sending the plan around)."""
+        h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode())
+        for lp in self.layers.values():
+            tensors = [lp.lora_A, lp.lora_B, lp.core]
+            if lp.new_base is not None:
+                tensors += list(lp.new_base.state_dict().values())
+            for t in tensors:
+                if t is not None:
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write plan.json (human-readable) atomically; tensors are not part of it."""

@@ -1,5 +1,5 @@
 """train(model, train, eval, cfg): one loop for every method — AdamW, warmup + cosine, accumulation,
-clipping, periodic eval, atomic checkpoints, exact resume, Ctrl-C saves."""
+clipping, periodic eval, atomic checkpoints, exact resume, Ctrl-C saves; data-parallel across ranks."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..config import StrictModel
 from ..data.sources import Dataset, batchify
 from ..errors import RankwiseError
@@ -30,7 +31,7 @@ class TrainConfig(StrictModel):
     """Optimization settings shared by every method."""
 
     steps: int = Field(60, ge=1)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)  # per micro-batch, over all processes together (each takes its share)
     grad_accum: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0)  # None: the init method's default_lr (EVA 5e-4, random LoRA 1e-3)
     head_lr: float | None = Field(None, gt=0)  # lr of a trained task head (classification); None: lr
@@ -56,13 +57,15 @@ class TrainResult:
 
 
 def _micro_batch(ds: Dataset, tokenizer, cfg: TrainConfig, index: int) -> dict:
-    """Micro-batch `index` of a deterministic stream: epoch e visits examples in randperm(seed, e)."""
+    """This rank's share of micro-batch `index` of a deterministic stream (epoch e visits examples in
+    randperm(seed, e)): the stream and so the global batch are the same whatever the number of processes."""
     n, picks = len(ds.examples), []
     for k in range(index * cfg.batch_size, (index + 1) * cfg.batch_size):
         epoch, pos = divmod(k, n)
         perm = _perm(n, cfg.seed, epoch)
         picks.append(ds.examples[perm[pos]])
-    return batchify(picks, tokenizer, cfg.batch_size)[0]
+    picks = picks[dist.rank():: dist.world()]
+    return batchify(picks, tokenizer, len(picks))[0]
 
 
 _PERMS: dict[tuple[int, int, int], list[int]] = {}
@@ -77,17 +80,21 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
 
 @torch.no_grad()
 def eval_loss(model, batches: list[dict], task: str, device) -> dict:
-    """Mean loss over eval batches (+ accuracy for classification), one forward per batch."""
+    """Mean loss over eval batches (+ accuracy for classification), one forward per batch; with several
+    processes each scores every world()-th batch and the sums are merged."""
     was = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
-    for b in batches:
+    for b in batches[dist.rank():: dist.world()]:
         b = {k: v.to(device) for k, v in b.items()}
         loss, n, logits = loss_terms(model, b, task, return_logits=True)
         total, count = total + float(loss), count + n
         if task == "seq-cls":
             correct += int((logits.argmax(-1) == b["labels"]).sum())
     model.train(was)
+    if dist.active():
+        sums = dist.all_reduce_sum_(torch.tensor([total, count, correct], dtype=torch.float64))
+        total, count, correct = float(sums[0]), int(sums[1]), int(sums[2])
     res = {"eval_loss": total / max(count, 1)}
     if task == "seq-cls":
         res["eval_accuracy"] = correct / max(count, 1)
@@ -176,12 +183,16 @@ class _Interrupts:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, keep: int) -> Path:
-    """Write checkpoints/step-N atomically (temp folder + rename); keep the newest `keep`."""
+    """Write checkpoints/step-N atomically (temp folder + rename); keep the newest `keep`. With several processes
+    rank 0 writes (the trained state is the same on every rank; the others' RNG states are not needed, since
+    the data stream depends on the step alone)."""
+    final = ckpt_dir / f"step-{step:06d}"
+    if not dist.is_main():
+        return final
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_dir))
     state = {"step": step, "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-    final = ckpt_dir / f"step-{step:06d}"
     try:
         torch.save(state, tmp / "state.pt")
         if final.exists():
@@ -201,7 +212,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def _load_checkpoint(path: Path, model, opt, sched) -> int:
-    state = torch.load(path / "state.pt", weights_only=False)
+    """Restore a checkpoint written by any number of processes (rank 0 reads it and sends it to the others,
+    so only rank 0 needs the run folder)."""
+    state = torch.load(path / "state.pt", weights_only=False) if dist.is_main() else None
+    state = dist.broadcast_object(state)
     params = _trainable(model)
     saved = {n: tuple(t.shape) for n, t in state["params"].items()}
     wanted = {n: tuple(p.shape) for n, p in params.items()}
@@ -220,7 +234,7 @@ def _load_checkpoint(path: Path, model, opt, sched) -> int:
 
 
 def _log(metrics_path: Path | None, row: dict) -> None:
-    if metrics_path is not None:
+    if metrics_path is not None and dist.is_main():
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -255,25 +269,30 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     metrics = run_dir / "metrics.jsonl" if run_dir else None
-    if run_dir is not None:
+    if cfg.batch_size < dist.world():
+        raise RankwiseError(f"batch_size {cfg.batch_size} is smaller than the number of processes ({dist.world()}); "
+                            f"each micro-batch is shared out among them, so raise it to at least {dist.world()}")
+    main = dist.is_main()
+    if run_dir is not None and main:
         run_dir.mkdir(parents=True, exist_ok=True)
     result, start = TrainResult(), 0
-    if resume and ckpt_dir is not None and (last := latest_checkpoint(ckpt_dir)) is not None:
+    last = dist.broadcast_object(latest_checkpoint(ckpt_dir) if resume and ckpt_dir is not None and main else None)
+    if last is not None:
         start = _load_checkpoint(last, model, opt, sched)
-        result.history = _trim_metrics(metrics, start)
-    elif metrics is not None and metrics.exists():
+        result.history = _trim_metrics(metrics, start) if main else []
+    elif metrics is not None and main and metrics.exists():
         metrics.unlink()
     eval_batches = batchify(eval_ds.examples, tokenizer, cfg.batch_size) if eval_ds else []
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main), desc="train", unit="step")
     step, t_last = start, time.perf_counter()
     with _Interrupts() as interrupts:
         try:
             while step < cfg.steps:
-                micro, count, loss_sum = _forward_backward(model, train_ds, tokenizer, cfg, step, device, loss_fn)
+                count, loss_sum, tokens = _forward_backward(model, params, train_ds, tokenizer, cfg, step, device, loss_fn)
                 # From the update to the checkpoint, state and step count change together or not at all.
                 with interrupts.critical():
-                    row = _update(opt, sched, params, cfg, step, count, loss_sum, micro)
+                    row = _update(opt, sched, params, cfg, step, count, loss_sum, tokens)
                     step += 1
                     dt, t_last = time.perf_counter() - t_last, time.perf_counter()
                     row |= {"step": step, "tokens_per_s": row.pop("tokens") / dt}
@@ -306,22 +325,46 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     return result
 
 
-def _forward_backward(model, ds, tokenizer, cfg, step, device, loss_fn=None) -> tuple[list[dict], int, float]:
-    """Gradients of optimizer step `step`'s micro-batches (loss normalized by the step's scored count; a
-    custom loss_fn scores the same tokens as the task's loss, so the count is known before the forwards)."""
+def _forward_backward(model, params, ds, tokenizer, cfg, step, device, loss_fn=None) -> tuple[int, float, int]:
+    """Gradients of optimizer step `step`'s micro-batches (loss normalized by the step's scored count over all
+    ranks; a custom loss_fn scores the same tokens as the task's loss, so the count is known before the
+    forwards). Returns the scored count, the summed loss and the tokens, over all ranks."""
     micro = [_micro_batch(ds, tokenizer, cfg, step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
     micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
     count = sum(_count(b, ds.task) for b in micro)
+    if dist.active():
+        count = int(dist.all_reduce_sum_(torch.tensor([count], dtype=torch.float64)).item())
     model.zero_grad(set_to_none=True)
     total = 0.0
     for b in micro:
         loss, _ = loss_fn(model, b) if loss_fn is not None else loss_terms(model, b, ds.task)
         (loss / max(count, 1)).backward()
         total += float(loss.detach())
-    return micro, count, total
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    if dist.active():
+        total, tokens = _sync_gradients(params, total, tokens)
+    return count, total, tokens
 
 
-def _update(opt, sched, params, cfg, step, count, total, micro) -> dict:
+def _sync_gradients(params: dict, total: float, tokens: int) -> tuple[float, int]:
+    """Sum the trainable gradients, the loss and the tokens over the ranks (one all_reduce per dtype). Each rank
+    divided its loss by the global scored count, so the sum is the gradient of the global mean, the same as
+    one process on the whole batch; DDP's average of per-rank means would weight ranks equally whatever their
+    token counts. The same gradients everywhere keep clipping and AdamW, and so the weights, identical."""
+    by_dtype: dict[torch.dtype, list] = {}
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = dist.all_reduce_sum_(torch.cat([p.grad.reshape(-1) for p in group]))
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p.grad))
+    sums = dist.all_reduce_sum_(torch.tensor([total, tokens], dtype=torch.float64))
+    return float(sums[0]), int(sums[1])
+
+
+def _update(opt, sched, params, cfg, step, count, total, tokens) -> dict:
     """Clip, apply one optimizer step and advance the schedule; returns the step's log row."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
     lr = opt.param_groups[0]["lr"]
@@ -330,7 +373,7 @@ def _update(opt, sched, params, cfg, step, count, total, micro) -> dict:
     if not math.isfinite(total):
         raise RankwiseError(f"the loss became non-finite at step {step + 1}; lower the learning rate (now {cfg.lr:g})")
     return {"loss": total / max(count, 1), "lr": lr, "grad_norm": grad_norm,
-            "tokens": sum(int(b["attention_mask"].sum()) for b in micro)}
+            "tokens": tokens}
 
 
 def _count(b: dict, task: str) -> int:
