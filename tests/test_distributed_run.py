@@ -15,7 +15,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 import rankwise as rw
-from rankwise.data import DataConfig, batchify, load_dataset
+from rankwise.data import DataConfig, load_dataset
 from rankwise.train import TrainConfig, train
 
 from conftest import make_batches, tiny_llama
@@ -266,3 +266,75 @@ def test_cli_nproc_runs_train_in_two_processes(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     _close(load_file(o2 / "adapter" / "adapter_model.safetensors"), load_file(o1 / "adapter" / "adapter_model.safetensors"), 1e-5)
+
+
+def _fsdp_worker(rank, out, mode, method):
+    from torch.distributed.fsdp import fully_shard
+
+    from rankwise.distributed import sharded
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert sharded(model)
+    stats = rw.calibrate(model, make_batches(n_batches=4, seed=7)[rank::WORLD], mode=mode, progress=False)
+    p = rw.plan(stats, model, method=method, rank=4)  # pissa reads whole weights: all-gathered per layer
+    torch.save({"n": {k: st.n for k, st in stats.layers.items()}, "xtx": {k: st.xtx for k, st in stats.layers.items()},
+                "ranks": {n: lp.rank for n, lp in p.layers.items()},
+                "A": {n: lp.lora_A for n, lp in p.layers.items() if lp.rank}}, Path(out) / f"rank-{rank}.pt")
+
+
+@pytest.mark.parametrize("mode,method", [("whole", "eva"), ("blockwise", "pissa")])
+def test_calibration_of_an_fsdp_sharded_model_equals_the_unsharded_run(tmp_path, mode, method):
+    """FSDP2 fully_shard per decoder layer: the hooks see the unsharded compute, so the summed statistics, the
+    ranks and the initial A equal one process on the unsharded model (fp32 sums in another order: 1e-6 on XᵀX;
+    1e-4 on A, unit rows from an eigen/SVD solve)."""
+    _ok(tmp_path, _ranks(_fsdp_worker, tmp_path, mode, method))
+    r0, r1 = (torch.load(tmp_path / f"rank-{r}.pt") for r in range(WORLD))
+    model = tiny_llama()
+    stats = rw.calibrate(model, make_batches(n_batches=4, seed=7), mode=mode, progress=False)
+    p = rw.plan(stats, model, method=method, rank=4)
+    assert r0["n"] == r1["n"] == {k: st.n for k, st in stats.layers.items()}
+    for k, st in stats.layers.items():
+        assert float((r0["xtx"][k] - st.xtx).norm() / st.xtx.norm()) <= 1e-6
+    assert r0["ranks"] == r1["ranks"] == {n: lp.rank for n, lp in p.layers.items()}
+    for n, a in r0["A"].items():
+        assert torch.equal(a, r1["A"][n])
+        assert torch.allclose(a.abs(), p.layers[n].lora_A.abs(), atol=1e-4), n  # eigenvector signs may flip
+
+
+@pytest.mark.parametrize("command", [["quantize", "--method", "gptq", "--bits", "3", "--group-size", "32"],
+                                     ["compress", "--method", "svd-llm", "--ratio", "0.7"]])
+def test_cli_nproc_block_sequential_commands_equal_one_process(tiny_model_dir, tmp_path, command):
+    """`rankwise --nproc 2 quantize|compress`: each block is transformed once from the merged statistics, so the
+    written model is the one-process model (GPTQ codes exactly; SVD-LLM's merged weights, from a Cholesky/SVD
+    solve on sums taken in another order, fp32: 1e-4 on weights of O(0.02–1))."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANKWISE_DIST_TIMEOUT": "120"}
+    written = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        cmd = [sys.executable, "-m", "rankwise.cli.main", *(["--nproc", "2"] if n == 2 else []), *command,
+               "--model", str(tiny_model_dir), "--n-samples", "8", "--batch-size", "2", "--seq-len", "32",
+               "--eval-tokens", "64", "--quiet", "--out", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LIMIT_S)
+        assert res.returncode == 0, res.stderr[-3000:]
+        written[n] = out
+        if n == 2:
+            assert res.stdout.count("written to") + res.stdout.count("compressed to") >= 1, res.stdout
+    r1, r2 = (json.loads((written[n] / "report.json").read_text()) for n in (1, 2))
+    assert r1["tokens"] == r2["tokens"] > 0
+    # SVD: the merged weights (a factor pair's signs may flip together between solves; the product does not)
+    folder = "merged" if command[0] == "compress" else "model"
+    files = sorted(p.relative_to(written[1]) for p in (written[1] / folder).rglob("*.safetensors"))
+    assert files
+    for f in files:
+        a, b = load_file(written[1] / f), load_file(written[2] / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].dtype.is_floating_point:
+                assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4), (f, k)
+            else:
+                assert torch.equal(a[k], b[k]), (f, k)

@@ -99,6 +99,27 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def sharded(model) -> bool:
+    """True when the model's parameters are FSDP2 shards (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover — torch without DTensor
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def same_count(n: int, what: str) -> None:
+    """Every rank holds n of `what`, or every rank stops: an FSDP-sharded block all-gathers its weights at each
+    call, so ranks that call it a different number of times would wait on each other for ever."""
+    if not active():
+        return
+    counts: list = [None] * world()
+    dist.all_gather_object(counts, int(n))
+    if len(set(counts)) > 1:
+        raise DistributedError(f"{what}: the ranks hold {counts}; with an FSDP-sharded model every rank must hold "
+                               f"the same number (make it a multiple of {world()})")
+
+
 def agree(obj, fingerprint: str, what: str, log=print):
     """`obj` when every rank computed the same one (equal fingerprints), else rank 0's, sent to all: with
     deterministic kernels (CPU) the ranks agree and nothing large is sent; where they do not, a warning says so."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from .blocks import BlockRunner, find_blocks
 from ..errors import CalibrationError
 from ..numerics.linalg import GramAccumulator
@@ -170,6 +171,8 @@ def calibrate(
         raise CalibrationError(f"mode {mode!r} is not one of {MODES}")
     names = find_targets(model, targets)
     masks = _check_batches(batches, use_label_mask)
+    if dist.sharded(model):
+        dist.same_count(len(batches), "calibration batches")
     device = next(model.parameters()).device
     blocks = find_blocks(model, names) if mode != "whole" else None
     if mode == "blockwise" and blocks is None:

@@ -98,10 +98,13 @@ def check_format(job: CompressJob, opts: dict) -> None:
 
 
 def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
-    """Run the job; writes job.out/{model/, merged/ (SVD), report.json, report.md, *.png}; returns the summary."""
+    """Run the job; writes job.out/{model/, merged/ (SVD), report.json, report.md, *.png}; returns the summary.
+
+    Under torchrun the calibration batches (and recovery micro-batches) are shared out and the statistics
+    summed, so every rank compresses identically; rank 0 evaluates and writes."""
+    from .. import distributed as dist
     from ..compress import SVDConfig, PlanConfig
     from ..data.sources import check_source, load_data, read_stream
-    from ..export import export_model
     from .jobs import load_model_on
 
     verb, opts = _options(job)
@@ -112,18 +115,23 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     if job.recover_steps and job.method not in SVD_METHODS:
         raise ConfigError(f"--recover-steps trains low-rank factors: only for the SVD methods, not {job.method}")
     check_source(job.data)
+    device = dist.init_from_env(job.device)
+    main = dist.is_main()
+    progress, log = (progress, log) if main else (False, lambda *a, **k: None)
     t0 = time.perf_counter()
-    model, tok = load_model_on(job.model, job.device)
-    if job.format == "gguf":
-        from ..export.gguf import check_writable
+    with dist.together("loading the model and the data"):
+        model, tok = load_model_on(job.model, device)
+        if job.format == "gguf":
+            from ..export.gguf import check_writable
 
-        check_writable(model)
-    batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
-    causal = getattr(model, "rankwise_task", "causal-lm") == "causal-lm"
-    if job.eval_tokens and not causal:
-        log("held-out perplexity skipped: the model is not a causal LM")
-    stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
-        if job.eval_tokens and causal else None
+            check_writable(model)
+        batches = dist.shard(load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size),
+                             "calibration batches (--n-samples / --batch-size)")
+        causal = getattr(model, "rankwise_task", "causal-lm") == "causal-lm"
+        if job.eval_tokens and not causal:
+            log("held-out perplexity skipped: the model is not a causal LM")
+        stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
+            if job.eval_tokens and causal and main else None
     t1 = time.perf_counter()
     before = _held_out_ppl(model, stream, job)
     t2 = time.perf_counter()
@@ -134,11 +142,25 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
         from ..compress.recover import teacher_copy
 
         teacher = teacher_copy(model)
-    report = verb(model, batches, progress=progress, **opts)
+    with dist.together("compressing"):
+        report = verb(model, batches, progress=progress, **opts)
     t3 = time.perf_counter()
     after = _held_out_ppl(model, stream, job)
     recovery = _recover(model, teacher, tok, job, stream, progress, log) if teacher is not None else None
     t4 = time.perf_counter()
+    if not main:  # rank 0 writes; the others wait for it
+        with dist.together("exporting"):
+            pass
+        return {**report.to_dict(), "written": None}
+    with dist.together("exporting"):
+        return _finish(model, tok, job, report, before, after, recovery, (t0, t1, t2, t3, t4))
+
+
+def _finish(model, tok, job: CompressJob, report, before, after, recovery, times) -> dict:
+    """Rank 0: export the compressed model (and merged/ for SVD), report.json and report.md."""
+    from ..export import export_model
+
+    t0, t1, t2, t3, t4 = times
     written = {}
     if job.method in SVD_METHODS:
         written["model"] = str(export_model(model, job.out / "model", "factored", tokenizer=tok, method=job.method))

@@ -172,6 +172,8 @@ def compress(
                             eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"),
                             recover_steps=recover_steps, recover_lr=recover_lr)
     s = run_compress(job, progress=not quiet, log=console.print)
+    if not _is_main():
+        return
     ppl = s["perplexity"]
     if ppl["before"] is not None:
         console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f}"

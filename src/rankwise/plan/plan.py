@@ -139,7 +139,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     layer_stats = stats.__getitem__ if stats.layers else (lambda n: None)  # data-free methods get None
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
-        scores = {n: impl.candidates(layer_stats(n), modules[n].weight, cfg, caps[n]) for n in names}
+        scores = {n: impl.candidates(layer_stats(n), _full(modules[n].weight), cfg, caps[n]) for n in names}
     else:
         scores = _group_scores(impl, stats, modules, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
@@ -155,7 +155,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
             extra = {"original": originals[n], "module": modules[n]} if getattr(impl, "needs_original", False) else {}
             if getattr(impl, "needs_grad", False):
                 extra["grad"] = stats.gradient(n)
-            li = impl.init(layer_stats(n), modules[n].weight.detach(), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
+            li = impl.init(layer_stats(n), _full(modules[n].weight.detach()), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
             lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
             lp.core = None if li.core is None else li.core.detach().cpu()
@@ -164,12 +164,18 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     return Plan(method, resolved, layers)
 
 
+def _full(w: Tensor) -> Tensor:
+    """The whole weight of an FSDP2-sharded layer (all-gathered: every rank plans the same layers in the same
+    order), the weight itself otherwise."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
 def _group_scores(impl, stats: Stats, modules, cfg, caps) -> dict[str, Tensor]:
     """Candidate scores per module; modules sharing an input share one spectrum (computed once)."""
     scores: dict[str, Tensor] = {}
     for canonical, members in stats.groups().items():
         cap = max(caps[m] for m in members)
-        s = impl.candidates(stats[canonical], modules[canonical].weight, cfg, cap)
+        s = impl.candidates(stats[canonical], _full(modules[canonical].weight), cfg, cap)
         for m in members:
             scores[m] = s[: caps[m]]
     return scores
