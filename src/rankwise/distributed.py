@@ -135,9 +135,30 @@ def agree(obj, fingerprint: str, what: str, log=print):
     return broadcast_object(obj)
 
 
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    """t where the backend can reduce it: NCCL reduces CUDA tensors only, so CPU ones travel through the GPU."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum t over the ranks, in place (any device, any backend)."""
     if active():
-        dist.all_reduce(t)
+        c = _comm(t)
+        dist.all_reduce(c)
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank src's t on every rank, in place (any device, any backend)."""
+    if active():
+        c = _comm(t)
+        dist.broadcast(c, src=src)
+        if c is not t:
+            t.copy_(c)
     return t
 
 

@@ -177,37 +177,37 @@ class Stats:
         the n-weighted mean of the ranks' shifts (close to the global mean; a rank with no rows
         does not pull it), broadcast from rank 0 so that it is bit-identical everywhere.
         """
-        import torch.distributed as dist
+        from .. import distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.active():
             return
         for key in names if names is not None else list(self.layers):
             st = self.layers[key]
             if st.m2 is None:
                 raise CalibrationError("summarized statistics cannot be merged across ranks; all_reduce_ before summarize_")
             head = torch.cat([st.shift.new_tensor([float(st.n)]), st.shift * st.n])  # [1 + d]: n, n·c
-            dist.all_reduce(head)
+            dist.all_reduce_sum_(head)
             total = float(head[0])
             common = head[1:] / total if total > 0 else st.shift.clone()
-            dist.broadcast(common, src=0)
+            dist.broadcast_(common, src=0)
             st.reshift_(common)
             for t in (st.sum_shifted, st.m2, st.abs_sum):
                 if t is not None:
-                    dist.all_reduce(t)
+                    dist.all_reduce_sum_(t)
             st.n, st._spectrum = int(total), None
         if self.grads and names is None:  # per block (names given) only the moments: gradients come whole
             self.all_reduce_grads_()
 
     def all_reduce_grads_(self) -> None:
         """Sum the gradient statistics and their token count across ranks."""
-        import torch.distributed as dist
+        from .. import distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.active():
             return
         for g in self.grads.values():
-            dist.all_reduce(g)
+            dist.all_reduce_sum_(g)
         count = torch.tensor([float(self.grad_count)], dtype=torch.float64)
-        dist.all_reduce(count)
+        dist.all_reduce_sum_(count)
         self.grad_count = int(count.item())
 
     def save(self, path: str | os.PathLike) -> None:

@@ -365,6 +365,8 @@ def eval_cmd(
 
     fields = Fields.build(where="rankwise eval", text_field=text_field, prompt_field=prompt_field,
                           completion_field=completion_field, messages_field=messages_field, label_field=label_field)
+    if _other_rank():
+        return
     result = run_eval(model, adapter, data, metric, seq_len=seq_len, stride=stride or max(1, seq_len // 2), limit=limit,
                       fields=fields, max_new_tokens=max_new_tokens)
     sys.stdout.write(json.dumps(result) + "\n")
@@ -381,7 +383,16 @@ def export_cmd(
     A classification adapter is merged with its trained head and class names (config id2label)."""
     from .evaluate import merge_adapter
 
+    if _other_rank():
+        return
     console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
+
+
+def _other_rank() -> bool:
+    """Under torchrun, a rank other than 0: eval and export have nothing to share out, so rank 0 alone runs them."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) > 0
 
 
 def _is_main() -> bool:
