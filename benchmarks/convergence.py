@@ -61,7 +61,8 @@ def one_run(spec: dict, root: str, method: str, lr: float, seed: int) -> dict:
     if method == "eva":
         calib = batchify(tr.examples[: spec["calib"]], tok, 16 if spec["task"] == "seq-cls" else 4)
         stats = rw.calibrate(model, calib, spec["targets"], keep=2 * spec["rank"], progress=False)
-    opts = {"rank": spec["rank"], "alpha": spec["alpha"]} | ({"seed": seed} if method == "lora" else {})
+    # plain EVA (whiten=False: what this benchmark measured, before rankwise whitened by default)
+    opts = {"rank": spec["rank"], "alpha": spec["alpha"]} | ({"seed": seed} if method == "lora" else {"whiten": False})
     p = rw.plan(stats, model, method=method, targets=spec["targets"], **opts)
     extra = {"modules_to_save": head_modules(model)} if spec["task"] == "seq-cls" else {}
     model = rw.adapt_(model, p, **extra)
@@ -91,7 +92,8 @@ def input_gain(spec: dict, root: str) -> dict:
     stats = rw.calibrate(model, calib, spec["targets"], progress=False)  # keep="full": XᵀX for the gain
     out = {}
     for method in ("lora", "eva"):
-        p = rw.plan(stats if method == "eva" else None, model, method=method, targets=spec["targets"], rank=spec["rank"])
+        p = rw.plan(stats if method == "eva" else None, model, method=method, targets=spec["targets"], rank=spec["rank"],
+                    **({"whiten": False} if method == "eva" else {}))
         gains, norms = [], []
         for n, lp in p.active().items():
             a, xtx = lp.lora_A.double(), stats[n].xtx

@@ -1,4 +1,5 @@
-"""What closes EVA's SST-2 gap to random LoRA? One change at a time against EVA's defaults, same budget as
+"""What closes EVA's SST-2 gap to random LoRA? One change at a time against plain EVA (peft's defaults; the
+study led rankwise to whiten by default), same budget as
 benchmarks/init_zoo.py (MiniLM + fresh head, 150 steps × 32, all 872 dev sentences, seed 0, rank 8, alpha 16).
 
 Variants: A rescaled so that it passes the input energy of a Kaiming-uniform A; peft's whitening; alpha 8 and
@@ -23,7 +24,7 @@ import torch
 from init_zoo import HERE, Results, key, one_run
 
 VARIANTS = {  # name: (method, variant, what it changes)
-    "eva": ("eva", {}, "EVA's defaults (rho 2, alpha 16, 256 calibration sentences, head at the adapter's lr)"),
+    "eva": ("eva", {}, "plain EVA (rho 2, alpha 16, 256 calibration sentences, head at the adapter's lr)"),
     "a-kaiming": ("eva", {"a_scale": "kaiming-energy"}, "A scaled per layer to pass a Kaiming A's input energy"),
     "whiten": ("eva", {"opts": {"whiten": True}}, "A's rows divided by √(singular value) (peft's whiten)"),
     "alpha8": ("eva", {"opts": {"alpha": 8}}, "alpha 8 (scale 1)"),

@@ -61,7 +61,7 @@ def plain_forward(model, batches):
 
 def rankwise_eva(model, batches, args):
     stats = rw.calibrate(model, batches, "all-linear", keep=round(args.rank * args.rho), progress=False)
-    p = rw.plan(stats, model, method="eva", rank=args.rank, rho=args.rho)
+    p = rw.plan(stats, model, method="eva", rank=args.rank, rho=args.rho, whiten=False)  # as peft's default
     rw.adapt_(model, p)
     return p
 

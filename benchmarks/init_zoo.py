@@ -4,9 +4,12 @@
 (b) gsm8k: SmolLM2-135M on GSM8K (prompt = question, loss on the answer tokens), 30 steps × 4 × 256,
     answer-token eval loss on 16 test records every 5 steps, and the steps to reach random LoRA's final loss.
 
-Rows: every registered method at its defaults, and eva-whiten (EVA with whiten=True, the variant that closed
-its SST-2 gap in benchmarks/eva_gap.py; its seed-0 SST-2 runs there were copied in). Per method: four learning rates on the 1-3-10 ladder (two below the method's default, the default, one
-above), widened by one rung past an edge while the best is at that edge (at most 7), then seeds 1 and 2 at the best rate. Each run
+Rows: every registered method at its defaults, EVA twice: eva (plain, whiten=False: the paper's and peft's
+default) and eva-whiten (whiten=True, the variant that closed its SST-2 gap in benchmarks/eva_gap.py, whose
+seed-0 SST-2 runs were copied in; rankwise's default since it won on both tasks). Per method: four learning rates on the 1-3-10 ladder (two below the method's default, the default, one
+above), widened by one rung past an edge while the best is at that edge (at most 7), then seeds 1 and 2 at the best rate. The default rate each method gets from this: among the rates run on
+both tasks, the one whose worse task comes closest to that task's best (relative score: accuracy / best
+accuracy, best loss / loss), once both grids are settled (best not at an open edge). Each run
 records its init time (calibration, gradients, plan, adapt) and the time of one forward pass over the same
 calibration tokens in the same process, for the ratio. Resumable: one record per finished run in
 benchmarks/results/init_zoo.json, skipped when rerun; --summary prints the tables from what is there.
@@ -51,7 +54,9 @@ TASKS = {
                                                max_train_examples=30 * 4, max_eval_examples=16)),
 }
 # Rows that are a registered method with options other than its defaults: name -> (method, variant).
-ROWS = {"eva-whiten": ("eva", {"opts": {"whiten": True}})}
+ROWS = {"eva": ("eva", {"opts": {"whiten": False}}), "eva-whiten": ("eva", {"opts": {"whiten": True}})}
+# The row that is the registered method at its current defaults, where that is not the row of the same name.
+AT_DEFAULTS = {"eva": "eva-whiten"}
 METRIC = {"sst2": ("eval_accuracy", max), "gsm8k": ("eval_loss", min)}
 MAX_GRID = 7
 
@@ -135,7 +140,8 @@ def one_run(task: str, root: str, method: str, lr: float, seed: int, variant: di
     row = method
     if row in ROWS:
         method, fixed = ROWS[row]
-        variant = {**fixed, **(variant or {})}
+        variant = variant or {}
+        variant = {**fixed, **variant, "opts": {**fixed.get("opts", {}), **variant.get("opts", {})}}
     variant = variant or {}
     spec = {**TASKS[task], **{k: variant[k] for k in ("calib", "targets") if k in variant}}
     torch.manual_seed(seed)
@@ -185,6 +191,29 @@ def best_lr(records: dict, task: str, method: str) -> float | None:
         return None
     name, pick = METRIC[task]
     return pick(runs, key=lambda lr: runs[lr]["final"][name])
+
+
+def settled(records: dict, task: str, method: str) -> bool:
+    """Whether the sweep is over: runs exist and the best is interior, or the grid is full."""
+    return bool(sweep_runs(records, task, method)) and next_lr(records, task, method) is None
+
+
+def default_lr(records: dict, method: str) -> dict | None:
+    """The rate for the method's default: of the rates run on both tasks at seed 0, the one whose worse relative
+    score (accuracy / best accuracy on SST-2, best loss / loss on GSM8K) is highest. None until both sweeps
+    are settled."""
+    if not all(settled(records, task, method) for task in TASKS):
+        return None
+    rel = {}
+    for task, (name, pick) in METRIC.items():
+        runs = {lr: r["final"][name] for lr, r in sweep_runs(records, task, method).items()}
+        best = pick(runs.values())
+        rel[task] = {lr: (v / best if pick is max else best / v) for lr, v in runs.items()}
+    common = sorted(set.intersection(*(set(r) for r in rel.values())))
+    if not common:
+        return None
+    lr = max(common, key=lambda x: min(rel[t][x] for t in TASKS))
+    return {"lr": lr, **{task: round(rel[task][lr], 4) for task in TASKS}}
 
 
 def next_lr(records: dict, task: str, method: str) -> float | None:
@@ -244,13 +273,19 @@ def summarize(records: dict) -> dict:
                 reached = [next((c["step"] for c in cv if c["eval_loss"] <= target), None) for cv in curves]
                 row["steps_to_lora_final"] = reached
         out[task] = rows
+    out["defaults"] = {}
+    for method in (m for m in METHODS if m not in ROWS or ROWS[m][0] == m):  # registered methods, not variant rows
+        row = AT_DEFAULTS.get(method, method)
+        pick = default_lr(records, row)
+        if pick is not None:
+            out["defaults"][method] = {"row": row, **pick}
     return out
 
 
 def tables(summary: dict) -> str:
     lines = []
     for task, rows in summary.items():
-        if not rows:
+        if not rows or task not in TASKS:
             continue
         name = METRIC[task][0].removeprefix("eval_")
         extra = " | steps to random LoRA's final loss" if task == "gsm8k" else ""
@@ -262,6 +297,12 @@ def tables(summary: dict) -> str:
             cell = f" | {r['steps_to_lora_final']}" if extra else ""
             lines.append(f"| {method} | {r['best_lr']:.0e}{edge} | {r['mean']:.4f}{std} ({r['seeds']}) | "
                          f"{', '.join(f'{x:.0e}' for x in r['grid'])} | {r['trainable']:,} | {r['init_over_forward']:.2f}{cell} |")
+        lines.append("")
+    if summary.get("defaults"):
+        lines += ["defaults (the rate whose worse task is closest to that task's best; relative scores):", "",
+                  "| method | row | default lr | sst2 acc / best | gsm8k best loss / loss |", "|---|---|---:|---:|---:|"]
+        for method, d in summary["defaults"].items():
+            lines.append(f"| {method} | {d['row']} | {d['lr']:.0e} | {d['sst2']:.3f} | {d['gsm8k']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from resident import MMAP_ENV, peak_during, rss  # noqa: E402
 
 HERE = Path(__file__).parent
 BASES = {"W3g64": dict(bits=3, group_size=64), "W4g64": dict(bits=4, group_size=64)}
-INITS = {"lora": {}, "loftq": {"iters": 3}, "eva": {}, "compensation": {}}
+INITS = {"lora": {}, "loftq": {"iters": 3}, "eva": {"whiten": False}, "compensation": {}}  # plain EVA, as measured
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 RATIOS = [0.8, 0.6]
 

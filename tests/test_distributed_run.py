@@ -225,6 +225,55 @@ def test_a_failing_rank_stops_every_rank(tiny_model_dir, tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+def _mid_calibration_worker(rank, out):
+    from rankwise import distributed as dist
+
+    model = tiny_llama()
+    if rank == 1:  # this rank's block 0 emits NaN: it fails measuring block 1, after block 0's all_reduce
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    with dist.together("calibrating"):
+        rw.calibrate(model, make_batches(n_batches=2, seed=rank), mode="blockwise", progress=False)
+
+
+def _mid_training_worker(rank, out, model_dir):
+    from rankwise import distributed as dist
+
+    model, tok = _lora_model(model_dir)
+    tr, ev = _data(tok)
+    if rank == 1:  # fails in the forward of its 3rd micro-batch (step 2), while rank 0 sums step 2's gradients
+        calls, forward = [0], model.forward
+
+        def failing(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return forward(*a, **k)
+
+        model.forward = failing
+    with dist.together("training"):
+        train(model, tr, ev, TrainConfig(**{**CFG, "eval_every": 100}), tok, progress=False)
+
+
+@pytest.mark.parametrize("where", ["calibration", "training"])
+def test_a_rank_failing_between_collectives_stops_every_rank_at_once(tiny_model_dir, tmp_path, where):
+    """The failure comes while rank 0 waits in a collective (a block's all_reduce, a step's gradient sum), not at
+    a stage's end: rank 1 records its error and leaves the group, rank 0 stops with an error naming it, well
+    before the 60 s collective timeout."""
+    t = time.monotonic()
+    if where == "calibration":
+        codes = _ranks(_mid_calibration_worker, tmp_path)
+    else:
+        codes = _ranks(_mid_training_worker, tmp_path, str(tiny_model_dir))
+    assert codes == [1, 1]
+    own = (tmp_path / "error-1.txt").read_text()
+    assert ("non-finite activations" in own) if where == "calibration" else ("out of memory (simulated)" in own)
+    msg = (tmp_path / "error-0.txt").read_text()
+    assert msg.startswith("DistributedError") and f"rank 1 of 2 failed while {'calibrating' if where == 'calibration' else 'training'}" in msg
+    assert ("non-finite activations" in msg) if where == "calibration" else ("out of memory (simulated)" in msg)
+    assert time.monotonic() - t < 50  # not the timeout (60 s); the spawn and imports take ~10 s
+
+
 def _dead_peer_worker(rank, out):
     if rank == 1:
         os._exit(3)  # dies without a word, outside any agreed stage

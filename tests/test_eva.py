@@ -29,7 +29,8 @@ def test_eva_invariants(make, rank, rho):
         assert lp.alpha == pytest.approx(rank * lp.rank / rank)  # alpha/rank kept at the configured 1
         if lp.rank:
             a = lp.lora_A.double()
-            assert torch.allclose(a @ a.T, torch.eye(lp.rank, dtype=torch.float64), atol=1e-5)  # orthonormal rows
+            g = a @ a.T  # orthogonal rows (whitening, on by default, only scales each row)
+            assert torch.allclose(g, torch.diag(torch.diagonal(g)), atol=1e-5 * float(torch.diagonal(g).max()))
             assert torch.count_nonzero(lp.lora_B) == 0
     if rho == 1.0:
         assert all(lp.rank == rank for lp in p.layers.values())  # no redistribution possible
@@ -54,13 +55,33 @@ def test_eva_components_are_top_principal_directions(llama):
 
 def test_whiten_scales_rows_like_peft(llama, batches):
     stats = rw.calibrate(llama, batches, progress=False)
-    plain = rw.plan(stats, llama, rank=4, rho=1.0)
-    white = rw.plan(stats, llama, rank=4, rho=1.0, whiten=True)
+    plain = rw.plan(stats, llama, rank=4, rho=1.0, whiten=False)
+    white = rw.plan(stats, llama, rank=4, rho=1.0)  # whitened by default
+    assert torch.allclose(plain.layers["model.layers.0.self_attn.o_proj"].lora_A.double().norm(dim=1),
+                          torch.ones(4, dtype=torch.float64), atol=1e-5)  # plain EVA: unit rows
     name = "model.layers.0.self_attn.o_proj"
     vals, _, _ = stats[name].spectrum(4)
     norms = white.layers[name].lora_A.double().norm(dim=1)
     assert torch.allclose(norms, vals.pow(-0.25), rtol=1e-5)
     assert subspace_cos2(plain.layers[name].lora_A, white.layers[name].lora_A) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_whitened_rows_stay_bounded_where_the_inputs_have_fewer_directions_than_the_rank():
+    """Inputs of q/k/v confined to 8 directions, rank 12: the last 4 components carry (numerically) no variance;
+    dividing by their √(singular value) alone would make rows ~1e3× the top one. The floor (1e-8 of the top
+    eigenvalue, i.e. ≤ 100× the top row's norm) keeps them bounded."""
+    model = tiny_llama(layers=2)
+    batches = make_batches(n_batches=3, batch=4, seq=16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.copy_(torch.tensor([1.0] * 8 + [0.0] * 56))
+    stats = rw.calibrate(model, batches, targets=["q_proj"], progress=False)
+    p = rw.plan(stats, model, targets=["q_proj"], rank=12, rho=1.0)
+    for lp in p.layers.values():
+        norms = lp.lora_A.double().norm(dim=1)
+        assert torch.isfinite(norms).all()
+        assert float(norms[8:].min()) > 10 * float(norms[:8].max())  # the empty directions do hit the floor…
+        assert float(norms.max()) <= 100 * float(norms[0]) * (1 + 1e-4)  # …and stop there
 
 
 def test_plan_is_deterministic(llama, batches):
@@ -99,7 +120,7 @@ def test_agreement_with_peft_eva():
             for layer in m.model.layers:
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                     norm.weight.copy_(torch.logspace(0.5, -1, 64))
-    p = rw.plan(rw.calibrate(ours_model, batches, progress=False), ours_model, rank=4, rho=2.0)
+    p = rw.plan(rw.calibrate(ours_model, batches, progress=False), ours_model, rank=4, rho=2.0, whiten=False)  # as peft's default
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="eva", eva_config=EvaConfig(rho=2.0))
     pm = get_peft_model(peft_base, cfg)
     initialize_lora_eva_weights(pm, dataloader=batches, show_progress_bar=False)

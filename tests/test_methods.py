@@ -301,6 +301,19 @@ def test_every_method_is_documented_and_complete():
         assert get_init(name) is impl
 
 
+def test_default_learning_rates_are_the_benchmarks_picks():
+    """Each method whose sweeps are settled on both tasks of benchmarks/init_zoo.py has the rate that sweep picked
+    (benchmarks/results/init_zoo.json, summary.defaults) as its default_lr; EVA's pick comes from its whitened
+    row, whitening being its default."""
+    from pathlib import Path
+
+    picks = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/init_zoo.json").read_text())["summary"]["defaults"]
+    assert {"lora", "eva"} <= set(picks)
+    for method, d in picks.items():
+        assert get_init(method).default_lr == pytest.approx(d["lr"]), method
+    assert picks["eva"]["row"] == "eva-whiten" and get_init("eva").config().whiten
+
+
 @pytest.mark.parametrize("method", sorted(all_methods()))
 def test_config_show_method_round_trips(method, tmp_path):
     """`config show --method NAME` for every method: valid YAML, each own key commented, loads back as is."""

@@ -41,10 +41,11 @@ def is_main() -> bool:
 
 def init_from_env(device: str = "cpu") -> str:
     """Join the process group that torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, …) describes, once;
-    returns the device this rank computes on ("cuda" becomes cuda:LOCAL_RANK). Backend: NCCL for CUDA
-    devices, gloo otherwise. Without WORLD_SIZE > 1 (a plain run) nothing is started."""
+    returns the device this rank computes on ("cuda" or any "cuda:N" becomes cuda:LOCAL_RANK: NCCL needs one
+    GPU per process). Backend: NCCL for CUDA devices, gloo otherwise. Without WORLD_SIZE > 1 (a plain run)
+    nothing is started."""
     cuda = str(device).startswith("cuda")
-    if cuda and str(device) == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
@@ -67,27 +68,57 @@ def shard(items: list, what: str) -> list:
     return items[rank():: world()]
 
 
+FAILED = "rankwise/failed/"  # + rank: the error of a rank that failed, in the group's key-value store
+
+
+def _store():
+    """The process group's key-value store (torchrun's TCPStore), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):  # pragma: no cover — a group without a store
+        return None
+
+
+def _reported_failure(store) -> tuple[int, str] | None:
+    """(rank, error) of the first rank that recorded a failure in the store, if any."""
+    if store is None:
+        return None
+    for r in range(dist.get_world_size()):
+        try:
+            if store.check([FAILED + str(r)]):
+                return r, store.get(FAILED + str(r)).decode()
+        except RuntimeError:  # pragma: no cover — the store's host is gone
+            return None
+    return None
+
+
 @contextmanager
 def together(what: str):
-    """Run a stage on every rank, then agree: if any rank raised, every rank stops, the failing one with its own
-    error and the others with one that names it. A rank whose data is bad thus never leaves the others
-    waiting in the next collective (a failure inside a collective is bounded by RANKWISE_DIST_TIMEOUT)."""
+    """Run a stage on every rank; if one raises, every rank stops, the failing one with its own error and the
+    others with one that names it, wherever they are. The failing rank records its error in the group's store
+    and leaves the group, so a peer waiting in any collective (a per-block all_reduce, a gradient sum, the
+    check at the stage's end) gets a communication error at once, finds the record and raises it. A rank that
+    goes silent without failing is bounded by RANKWISE_DIST_TIMEOUT."""
     if not active():
         yield
         return
-    failure = None
+    store, n = _store(), world()
     try:
         yield
-    except Exception as e:  # noqa: BLE001 — reported to every rank, then raised again
-        failure = e
-    reports: list = [None] * world()
-    dist.all_gather_object(reports, None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    bad = [(r, m) for r, m in enumerate(reports) if m is not None]
-    if bad:
-        r, m = bad[0]
-        raise DistributedError(f"rank {r} of {world()} failed while {what}, so every rank stops: {m}")
+        reports: list = [None] * n
+        dist.all_gather_object(reports, None)  # the stage's end: every rank got here
+    except Exception as e:  # noqa: BLE001 — recorded for every rank, then raised again
+        other = _reported_failure(store)
+        if other is not None and other[0] != rank():  # a peer failed first: this is its consequence
+            shutdown()
+            raise DistributedError(f"rank {other[0]} of {n} failed while {what}, so every rank stops: {other[1]}") from None
+        if store is not None:
+            try:
+                store.set(FAILED + str(rank()), f"{type(e).__name__}: {e}")
+            except RuntimeError:  # pragma: no cover — the store's host is gone
+                pass
+        shutdown()  # leaving the group breaks the peers' pending collectives now, not after the timeout
+        raise
 
 
 def broadcast_object(obj, src: int = 0):

@@ -146,14 +146,12 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
         report = verb(model, batches, progress=progress, **opts)
     t3 = time.perf_counter()
     after = _held_out_ppl(model, stream, job)
-    recovery = _recover(model, teacher, tok, job, stream, progress, log) if teacher is not None else None
+    with dist.together("recovering"):
+        recovery = _recover(model, teacher, tok, job, stream, progress, log) if teacher is not None else None
     t4 = time.perf_counter()
-    if not main:  # rank 0 writes; the others wait for it
-        with dist.together("exporting"):
-            pass
+    if not main:  # rank 0 alone writes, with no collective: the others are done
         return {**report.to_dict(), "written": None}
-    with dist.together("exporting"):
-        return _finish(model, tok, job, report, before, after, recovery, (t0, t1, t2, t3, t4))
+    return _finish(model, tok, job, report, before, after, recovery, (t0, t1, t2, t3, t4))
 
 
 def _finish(model, tok, job: CompressJob, report, before, after, recovery, times) -> dict:

@@ -19,7 +19,7 @@ class InitJob(StrictModel):
     rank: int = Field(8, ge=1)
     alpha: float | None = None
     rho: float = Field(2.0, ge=1.0)
-    whiten: bool = False
+    whiten: bool | None = None  # None: the method's default (EVA: on)
     targets: str | list[str] = "all-linear"
     seq_len: int = Field(256, ge=2)
     n_samples: int = Field(32, ge=1)
@@ -78,11 +78,10 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = Path(job.out)
-    with dist.together("exporting the adapter"):
-        if dist.is_main():
-            out = export(peft_model, job.out, plan=p)
-            if job.save_stats:
-                stats.save(out / "stats.safetensors")
+    if dist.is_main():  # rank 0 alone writes, with no collective: the others are done
+        out = export(peft_model, job.out, plan=p)
+        if job.save_stats:
+            stats.save(out / "stats.safetensors")
     return {"plan": p, "model": peft_model, "out": out, "tokens": tokens,
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "plan_adapt": t3 - t2, "export": time.perf_counter() - t3}}
 

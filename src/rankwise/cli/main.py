@@ -49,7 +49,7 @@ def init(
     rank: int = typer.Option(8, help="Base LoRA rank r; the budget is r × number of layers."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha for rank r (default: r, i.e. scaling 1); scaled with each layer's rank."),
     rho: float = typer.Option(2.0, help="EVA: each layer may take up to round(r·rho) ranks (1 = no redistribution)."),
-    whiten: bool = typer.Option(False, help="EVA: whiten A's rows (peft's semantics)."),
+    whiten: Optional[bool] = typer.Option(None, "--whiten/--no-whiten", help="EVA: divide A's rows by √(singular value), as peft's whiten (default on; --no-whiten: the paper's and peft's plain EVA)."),
     targets: str = typer.Option("all-linear", help="'all-linear', comma-separated names ('q_proj,v_proj'), or 're:<regex>' on full names (same syntax as in YAML)."),
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     n_samples: int = typer.Option(32, help="Number of calibration sequences."),

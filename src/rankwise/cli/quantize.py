@@ -89,12 +89,9 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     with dist.together("quantizing"):
         report = quantize(model, batches, job.method, progress=progress, **options)
     t3 = time.perf_counter()
-    if not main:  # rank 0 evaluates and writes; the others wait for it
-        with dist.together("evaluating and exporting"):
-            pass
+    if not main:  # rank 0 alone evaluates and writes, with no collective: the others are done
         return {**report.to_dict(), "written": None}
-    with dist.together("evaluating and exporting"):
-        return _finish(model, tok, stream, report, job, before, (t0, t1, t2, t3))
+    return _finish(model, tok, stream, report, job, before, (t0, t1, t2, t3))
 
 
 def _finish(model, tok, stream, report, job: QuantJob, before: float | None, times: tuple) -> dict:

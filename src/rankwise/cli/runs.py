@@ -37,7 +37,7 @@ class InitSection(StrictModel):
     rank: int = Field(8, ge=1)
     alpha: float | None = None  # default: rank (alpha/rank = 1), scaled with each layer's rank
     rho: float = Field(2.0, ge=1.0)  # EVA only
-    whiten: bool = False  # EVA only
+    whiten: bool | None = None  # EVA only; None: EVA's default (whitened)
     targets: str | list[str] = "all-linear"  # 'all-linear', 'q_proj,v_proj' (or a list), 're:<regex>'
     calib_samples: int = Field(32, ge=1)
     calib_batch_size: int = Field(4, ge=1)
@@ -253,13 +253,12 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     hint = f"rankwise train --out {out} --resume"
     if cfg.train.lr is None:
         cfg.train.lr = default_lr(model)  # the same default train() would pick, recorded for the report
-    result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress, resume_hint=hint)
-    if not main:  # rank 0 evaluates and writes; the others wait for it, so that no rank leaves early
-        with dist.together("evaluating and exporting"):
-            pass
-        return {"steps": result.step, "history": result.history}
-    with dist.together("evaluating and exporting"):
-        return _finish(model, tok, train_ds, eval_ds, cfg, p, result, before, t0, log)
+    with dist.together("training"):
+        result = train(model, train_ds, eval_ds, cfg.train, tok, run_dir=out, resume=resume, progress=progress,
+                       resume_hint=hint)
+    if not main:  # rank 0 alone evaluates and writes, with no collective: the others are done (waiting for it
+        return {"steps": result.step, "history": result.history}  # could outlast the group's timeout)
+    return _finish(model, tok, train_ds, eval_ds, cfg, p, result, before, t0, log)
 
 
 def _finish(model, tok, train_ds, eval_ds, cfg: RunConfig, p, result, before: dict, t0: float, log) -> dict:

@@ -91,9 +91,10 @@ def all_methods() -> dict[str, InitMethod]:
 
 
 def config_options(name: str, **values) -> dict:
-    """The subset of `values` that method `name`'s config accepts (shared CLI/run options → one method)."""
+    """The subset of `values` that method `name`'s config accepts (shared CLI/run options → one method);
+    None means "not given": the method's own default applies."""
     fields = get_init(name).config.model_fields
-    return {k: v for k, v in values.items() if k in fields}
+    return {k: v for k, v in values.items() if k in fields and v is not None}
 
 
 def keep_for(methods: list[str], rank: int, rho: float = 1.0) -> str | int | None:

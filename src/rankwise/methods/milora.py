@@ -17,3 +17,4 @@ class Milora(Pissa):
     config = MiloraConfig
     summary = "MiLoRA (Wang et al. 2024): A, B from the r minor singular triplets of W; W ← W − s·B·A"
     which = "bottom"
+    default_lr = 3e-3  # benchmarks/init_zoo.py: of the rates run on both tasks, the one whose worse task is closest to its best (best on both)

@@ -26,7 +26,7 @@ class Pissa:
     needs = "none"
     summary = "PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W; W ← W − s·B·A"
     changes_base = True
-    default_lr = 5e-4  # not tuned yet (the benchmark issue sweeps every method's LR)
+    default_lr = 1e-3  # benchmarks/init_zoo.py: of the rates run on both tasks, the one whose worse task is closest to its best (best on both)
     which = "top"
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: PissaConfig, cap: int) -> Tensor:

@@ -33,7 +33,7 @@ class TrainConfig(StrictModel):
     steps: int = Field(60, ge=1)
     batch_size: int = Field(4, ge=1)  # per micro-batch, over all processes together (each takes its share)
     grad_accum: int = Field(1, ge=1)
-    lr: float | None = Field(None, gt=0)  # None: the init method's default_lr (EVA 5e-4, random LoRA 1e-3)
+    lr: float | None = Field(None, gt=0)  # None: the init method's default_lr (`rankwise methods` lists them)
     head_lr: float | None = Field(None, gt=0)  # lr of a trained task head (classification); None: lr
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)
