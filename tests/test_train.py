@@ -139,14 +139,14 @@ def test_first_step_moves_and_schedule_ends_at_min():
     assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] > 0.1 and lr_factor(10, 3, 10, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("method", ["eva", "lora"])
+@pytest.mark.parametrize("method", ["eva", "olora"])
 def test_library_train_uses_the_methods_default_lr(tiny_model_dir, method):
     from rankwise.methods import get_init
 
     model, tok, tr, _ = _adapted(tiny_model_dir, method)
     res = train(model, tr, None, TrainConfig(steps=1, warmup_steps=0), tok, progress=False)
     assert res.history[0]["lr"] == pytest.approx(get_init(method).default_lr)
-    assert get_init("eva").default_lr != get_init("lora").default_lr  # else this test could not tell them apart
+    assert get_init("eva").default_lr != get_init("olora").default_lr  # else this test could not tell them apart
 
 
 def test_run_dir_merged_equals_adapter(tiny_model_dir, tmp_path):

@@ -34,14 +34,15 @@ def test_eval_perplexity_of_a_text_file(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def cls_run(tiny_bert_dir, tmp_path_factory):
-    """A trained classification run with classes '2', '7', '10' (they must not sort as strings)."""
+    """A trained classification run with classes '2', '7', '10' (they must not sort as strings). 40 steps: EVA's
+    whitened A (the default) starts smaller than plain EVA's and reached 0.86 accuracy in 30, 1.0 in 40."""
     root = tmp_path_factory.mktemp("cls")
     words = {"2": "good great fine", "7": "plain table chair", "10": "bad awful poor"}
     f = root / "train.tsv"
     f.write_text("sentence\tlabel\n" + "".join(f"{words[c]} item {i}\t{c}\n" for i in range(60) for c in [("2", "7", "10")[i % 3]]))
     cfg = load_config(None, {"model": str(tiny_bert_dir), "task": "seq-cls", "out": str(root / "run"),
                              "data.train": str(f), "data.text_field": "sentence", "data.seq_len": 16,
-                             "train.steps": 30, "train.lr": 1e-2, "train.batch_size": 8, "init.rank": 2, "merge": False})
+                             "train.steps": 40, "train.lr": 1e-2, "train.batch_size": 8, "init.rank": 2, "merge": False})
     summary = run_train(cfg, progress=False, log=lambda *a: None)
     return root, summary, words
 
