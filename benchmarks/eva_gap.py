@@ -50,7 +50,7 @@ def run(res: Results, zoo: dict, root: str, names: list[str], lrs: list[float]) 
 
 
 def table(records: dict, zoo: dict) -> str:
-    lines = ["| variant | what it changes | lr | dev accuracy | vs EVA default | vs random LoRA |",
+    lines = ["| variant | what it changes | lr | dev accuracy | vs plain EVA | vs random LoRA |",
              "|---|---|---:|---:|---:|---:|"]
     for name, (method, _, what) in VARIANTS.items():
         for k, r in sorted(records.items(), key=lambda kv: kv[1]["lr"]):
