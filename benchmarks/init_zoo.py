@@ -137,12 +137,10 @@ def _kaiming_energy_scale_(model, stats, rank: int) -> dict[str, float]:
 def one_run(task: str, root: str, method: str, lr: float, seed: int, variant: dict | None = None) -> dict:
     """One training run. variant (the EVA gap study, benchmarks/eva_gap.py): "opts" (method options over the
     task's), "head_lr", "calib" (sentences), "targets", "a_scale" ("kaiming-energy")."""
-    row = method
+    row, variant = method, variant or {}
     if row in ROWS:
         method, fixed = ROWS[row]
-        variant = variant or {}
         variant = {**fixed, **variant, "opts": {**fixed.get("opts", {}), **variant.get("opts", {})}}
-    variant = variant or {}
     spec = {**TASKS[task], **{k: variant[k] for k in ("calib", "targets") if k in variant}}
     torch.manual_seed(seed)
     dcfg = spec["data"](root)
@@ -244,8 +242,8 @@ def run_all(res: Results, tasks: list[str], methods: list[str], root: str, stage
                     go(task, method, lr, 0)
         if "seeds" in stages:
             for method in methods:
-                lr = best_lr(res.data["records"], task, method)
-                if lr is not None and next_lr(res.data["records"], task, method) is None:
+                if settled(res.data["records"], task, method):
+                    lr = best_lr(res.data["records"], task, method)
                     for seed in (1, 2):
                         go(task, method, lr, seed)
 

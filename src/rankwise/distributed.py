@@ -105,8 +105,7 @@ def together(what: str):
     store, n = _store(), world()
     try:
         yield
-        reports: list = [None] * n
-        dist.all_gather_object(reports, None)  # the stage's end: every rank got here
+        dist.barrier()  # the stage's end: every rank got here
     except Exception as e:  # noqa: BLE001 — recorded for every rank, then raised again
         other = _reported_failure(store)
         if other is not None and other[0] != rank():  # a peer failed first: this is its consequence

@@ -33,7 +33,7 @@ def _root(
     """rankwise: adapt and compress pretrained transformers from what they compute on your data."""
     import os
 
-    if int(os.environ.get("RANK", "0")) > 0:
+    if _other_rank():
         console.quiet = True  # under torchrun, rank 0 speaks for the run (errors still come from every rank)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from ..distributed import launch
@@ -389,7 +389,8 @@ def export_cmd(
 
 
 def _other_rank() -> bool:
-    """Under torchrun, a rank other than 0: eval and export have nothing to share out, so rank 0 alone runs them."""
+    """Under torchrun (from its environment, before any process group exists), a rank other than 0: it stays
+    quiet, and eval and export, which have nothing to share out, run on rank 0 alone."""
     import os
 
     return int(os.environ.get("RANK", "0")) > 0
