@@ -180,7 +180,22 @@ def _compare(ours, theirs, tol=1e-5):
         w = wb + b.scaling["default"] * b.lora_B["default"].weight.double() @ b.lora_A["default"].weight.double()
         # the same residual base weight, relative to W: peft works in float32 (≈1e-7·‖W‖ rounding), ours in
         # float64, and on these decaying spectra W_res itself is ~5 % of W, so ‖W_res‖ would magnify both
-        assert float((wa - wb).norm() / w.norm()) <= tol, name
+        assert float((wa - wb).norm() / w.norm()) <= (tol[name] if isinstance(tol, dict) else tol), name
+
+
+def _float32_inverse_tolerance(model, batch) -> dict[str, float]:
+    """peft inverts the dampened covariance C + λI (λ = 0.01·mean diag C) in float32, ours in float64: the
+    residual then carries that inverse's relative error, up to ε₃₂·κ(C + λI) to first order (×2: C and
+    its inverse each rounded). Tiny random layers reach κ ≈ 4e3 (o_proj), so a flat bound cannot hold."""
+    stats = rw.calibrate(model, batch, keep="full", progress=False)
+    tol = {}
+    for name in rw.find_targets(model):
+        st = stats[stats.aliases.get(name, name)]
+        c = st.xtx.double() / st.n
+        lam = 0.01 * float(c.diagonal().mean())
+        ev = torch.linalg.eigvalsh(c).clamp_min(0)
+        tol[name] = 2 * 2.0**-24 * float((ev[-1] + lam) / (ev[0] + lam))
+    return tol
 
 
 def test_corda_agrees_with_peft():
@@ -197,8 +212,9 @@ def test_corda_agrees_with_peft():
     preprocess_corda(base, cfg, run_model=lambda: base(input_ids=batch[0]["input_ids"]))
     theirs = get_peft_model(base, cfg)
     model = tiny_llama()
+    tol = _float32_inverse_tolerance(tiny_llama(), batch)
     ours = rw.adapt_(model, _plan(model, "corda", batch, mode="ipm")[0])
-    _compare(ours, theirs, tol=1e-4)
+    _compare(ours, theirs, tol=tol)
 
 
 # --- one calibration for many methods, none for data-free ones -------------------------------------------

@@ -158,6 +158,8 @@ def load_model(
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
         model = _load_weights(path, cls, config, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"could not load a {task} model from {path}: {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None:
@@ -179,11 +181,28 @@ def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:
             if k != "dtype":
                 setattr(config, k, v)
         return load_factored(path, cls, config, kwargs["dtype"])
-    model = cls.from_pretrained(path, **kwargs)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    _check_missing(path, model, info.get("missing_keys") or [], fresh_head="num_labels" in kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "compressor"):  # a compressed-tensors checkpoint
         quantizer.compressor.decompress_model(model)  # dense effective weights, which peft can wrap
     return model
+
+
+# A classification model's head starts fresh: these weights may be absent from the checkpoint.
+_HEAD_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.")
+
+
+def _check_missing(path: Path, model: nn.Module, missing: list[str], fresh_head: bool) -> None:
+    """ModelLoadError when weights the architecture needs are not in the checkpoint (transformers would
+    initialise them at random and only print a report): an encoder loaded as a causal LM has no
+    language-model head, a folder missing tensors is damaged."""
+    missing = sorted(k for k in missing if not (fresh_head and k.startswith(_HEAD_PREFIXES)))
+    if missing:
+        raise ModelLoadError(
+            f"{path} lacks {len(missing)} weight(s) that {type(model).__name__} needs (e.g. {', '.join(missing[:3])}); "
+            "they would start at random. An encoder (BERT-like) has no language-model head: use it with "
+            "--task seq-cls, or for quantize/compress as it is; otherwise the folder is incomplete")
 
 
 def describe_base(source: str) -> dict:

@@ -4,8 +4,9 @@ One syntax everywhere: the same string means the same in Python, YAML and on the
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -91,12 +92,38 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
                 raise TargetError(
                     f"target {key!r} matches {bad[0]!r}, a {kind}; rankwise adapts linear layers only"
                 )
+            if not hits:  # a typo must not leave its layers silently out
+                raise TargetError(f"no linear layer matches target {key!r}; {closest(key, list(linears))}")
     if not found:
         raise TargetError(
             f"no linear layer matches targets={targets!r}. Linear layers in this model: "
             f"{_summarize(list(linears))}. Use 'all-linear', names such as 'q_proj,v_proj', or 're:<regex>'."
         )
     return found
+
+
+def closest(key: str, names: Sequence[str]) -> str:
+    """'closest: …' naming the layer names (leaf or full) nearest to a mistyped key."""
+    leaves = sorted({n.split(".")[-1] for n in names})
+    near = difflib.get_close_matches(key, leaves, n=3, cutoff=0.5) + difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+    return f"closest: {', '.join(near)}" if near else f"layers here: {_summarize(list(names))}"
+
+
+def pattern_value(pattern: Mapping[str, object], name: str, default=None):
+    """The value a per-layer pattern ({name or dotted suffix: value}) gives layer `name`: an exact key first,
+    then the longest suffix that matches ("down_proj", "layers.0.mlp.down_proj"), else `default`."""
+    if name in pattern:
+        return pattern[name]
+    keys = [k for k in pattern if _matches(name, k)]
+    return pattern[max(keys, key=len)] if keys else default
+
+
+def check_pattern(pattern: Mapping[str, object], names: Sequence[str], what: str) -> None:
+    """TargetError for a key of a per-layer pattern that names none of the layers `names` (a typo would
+    otherwise leave those layers at the default without a word)."""
+    for key in pattern:
+        if not any(_matches(n, key) for n in names):
+            raise TargetError(f"{what} key {key!r} matches none of the targeted layers; {closest(key, names)}")
 
 
 def _summarize(names: list[str], limit: int = 12) -> str:

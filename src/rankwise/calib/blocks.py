@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from ..progress import progress as progress_bar
 
 
 class _Stop(Exception):
@@ -190,7 +191,7 @@ class BlockRunner:
                 self.step(before, self.stats)
 
         final: list = [None] * len(batches)
-        bar = tqdm(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
+        bar = progress_bar(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
         for i, block in enumerate(self.blocks):
             bar.set_description(f"calibrate block {i + 1}/{n_blocks}")
             if self.transforms:

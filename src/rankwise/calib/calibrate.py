@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from .. import distributed as dist
 from .blocks import BlockRunner, find_blocks
@@ -22,11 +22,20 @@ OBSERVERS = ("moments", "abs")  # n, Σx, XᵀX (always); Σ|x| per channel (AWQ
 
 
 def token_mask(batch: dict[str, Tensor], use_label_mask: bool = True) -> Tensor:
-    """[batch, seq] bool: tokens whose activations count (attention_mask == 1, labels != -100)."""
+    """[batch, seq] bool: positions whose activations count: attention_mask == 1 and, with per-token
+    labels, the positions whose prediction the loss scores.
+
+    A causal LM's loss scores the prediction made at position t against labels[t + 1] (the shift inside
+    transformers' loss), and that prediction reads the inputs at t: so position t counts when
+    labels[t + 1] != -100. The last prompt token (which predicts the first answer token) is in, the last
+    answer token (which predicts nothing scored) is out, exactly the positions the loss sees.
+    """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
     if use_label_mask and "labels" in batch and batch["labels"].shape == ids.shape:
-        mask = mask & (batch["labels"] != -100)
+        scored = torch.zeros_like(mask)
+        scored[:, :-1] = batch["labels"][:, 1:] != -100
+        mask = mask & scored
     return mask
 
 
@@ -216,7 +225,7 @@ def finish(recorder: Recorder, stats: Stats, canonical: list[str], keep: str | i
 
 def _run_whole(model, batches, masks, recorder, stats, keep, device, progress) -> None:
     recorder.active = set(recorder.names)
-    for i, batch in enumerate(tqdm(batches, desc="calibrate", disable=not progress, leave=False)):
+    for i, batch in enumerate(progress_bar(batches, desc="calibrate", disable=not progress, leave=False)):
         recorder.start_batch(masks[i], i)
         _forward(model, batch, device)
     finish(recorder, stats, list(recorder.acc), keep)

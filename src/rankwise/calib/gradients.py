@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import CalibrationError
 from ..losses import loss_terms
@@ -60,7 +60,7 @@ def calibrate_gradients(model: nn.Module, batches: Sequence[dict[str, Tensor]], 
             w.grad = None
             w.requires_grad_(True)
         model.eval()
-        for i, batch in enumerate(tqdm(batches, desc="gradients", disable=not progress, leave=False)):
+        for i, batch in enumerate(progress_bar(batches, desc="gradients", disable=not progress, leave=False)):
             b = {k: v.to(device) for k, v in batch.items()}
             with torch.enable_grad():
                 loss, n = loss_terms(model, b, batch_task(b))

@@ -13,8 +13,9 @@ from pydantic import Field
 
 from ..atomic import write_text
 from ..config import StrictModel
+from ..data.formats import Fields
 from ..errors import ConfigError
-from .quantize import _held_out_ppl
+from .quantize import HeldOut, held_out_rows
 
 SVD_METHODS = ("svd", "asvd", "svd-llm")
 PLANNERS = ("mixed", "joint")
@@ -45,6 +46,7 @@ class CompressJob(StrictModel):
     device: str = "cpu"
     out: Path = Path("runs/compress")
     options: dict = {}
+    fields: Fields = Fields()  # which record fields hold the calibration text
     recover_steps: int = Field(0, ge=0)  # SVD methods: PELA recovery steps after compressing (0: none)
     recover_lr: float = Field(1e-4, gt=0)
 
@@ -104,7 +106,7 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     summed, so every rank compresses identically; rank 0 evaluates and writes."""
     from .. import distributed as dist
     from ..compress import SVDConfig, PlanConfig
-    from ..data.sources import check_source, load_data, read_stream
+    from ..data.sources import check_source, load_data
     from .jobs import load_model_on
 
     verb, opts = _options(job)
@@ -125,15 +127,13 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
             from ..export.gguf import check_writable
 
             check_writable(model)
-        batches = dist.shard(load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size),
+        batches = dist.shard(load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
+                            fields=job.fields),
                              "calibration batches (--n-samples / --batch-size)")
         causal = getattr(model, "rankwise_task", "causal-lm") == "causal-lm"
-        if job.eval_tokens and not causal:
-            log("held-out perplexity skipped: the model is not a causal LM")
-        stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
-            if job.eval_tokens and causal and main else None
+        held_out = HeldOut(model, tok, job if main else job.model_copy(update={"eval_tokens": 0}), log)
     t1 = time.perf_counter()
-    before = _held_out_ppl(model, stream, job)
+    before = held_out(model)
     t2 = time.perf_counter()
     teacher = None
     if job.recover_steps:
@@ -145,16 +145,16 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     with dist.together("compressing"):
         report = verb(model, batches, progress=progress, **opts)
     t3 = time.perf_counter()
-    after = _held_out_ppl(model, stream, job)
+    after = held_out(model)
     with dist.together("recovering"):
-        recovery = _recover(model, teacher, tok, job, stream, progress, log) if teacher is not None else None
+        recovery = _recover(model, teacher, tok, job, held_out, progress, log) if teacher is not None else None
     t4 = time.perf_counter()
     if not main:  # rank 0 alone writes, with no collective: the others are done
         return {**report.to_dict(), "written": None}
-    return _finish(model, tok, job, report, before, after, recovery, (t0, t1, t2, t3, t4))
+    return _finish(model, tok, job, report, held_out.summary(before, after), recovery, (t0, t1, t2, t3, t4))
 
 
-def _finish(model, tok, job: CompressJob, report, before, after, recovery, times) -> dict:
+def _finish(model, tok, job: CompressJob, report, measured: dict, recovery, times) -> dict:
     """Rank 0: export the compressed model (and merged/ for SVD), report.json and report.md."""
     from ..export import export_model
 
@@ -169,7 +169,7 @@ def _finish(model, tok, job: CompressJob, report, before, after, recovery, times
     seconds = {"load": t1 - t0, "compress": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
     summary = {"kind": "svd" if job.method in SVD_METHODS else "plan", **report.to_dict(),
                "job": json.loads(job.model_dump_json()), "written": written, "seconds_total": seconds,
-               "perplexity": {"before": before, "after": after}}
+               **measured}
     if recovery is not None:
         summary["recovery"] = recovery
         summary["perplexity"]["recovered"] = recovery["perplexity"]
@@ -178,7 +178,7 @@ def _finish(model, tok, job: CompressJob, report, before, after, recovery, times
     return summary
 
 
-def _recover(model, teacher, tok, job: CompressJob, stream, progress: bool, log) -> dict:
+def _recover(model, teacher, tok, job: CompressJob, held_out: HeldOut, progress: bool, log) -> dict:
     """PELA recovery of the factors on the job's data (job.recover_steps steps of job.batch_size sequences)."""
     from ..compress.recover import recover
     from ..data.sources import DataConfig, load_dataset
@@ -190,7 +190,7 @@ def _recover(model, teacher, tok, job: CompressJob, stream, progress: bool, log)
     cfg = TrainConfig(steps=job.recover_steps, batch_size=job.batch_size, lr=job.recover_lr,
                       warmup_steps=min(5, job.recover_steps - 1), save_every=10**9)
     r = recover(model, teacher, data, tok, cfg, progress=progress)
-    ppl = _held_out_ppl(model, stream, job)
+    ppl = held_out(model)
     log(f"recovery: distillation loss {r.before:.4g} → {r.after:.4g} in {r.steps} steps"
         + (" (it rose: the factors were put back)" if r.reverted else "")
         + (f"; held-out perplexity {ppl:.3f}" if ppl is not None else ""))
@@ -256,7 +256,7 @@ def _size_plot(out: Path, s: dict) -> str:
 
 
 def write_compress_report(out: Path, s: dict) -> None:
-    job, layers, ppl = s["job"], s["layers"], s["perplexity"]
+    job, layers = s["job"], s["layers"]
     lines = [f"# rankwise compress: {job['method']} on {job['model']}", ""]
     if s["kind"] == "svd":
         p = s["params"]
@@ -268,12 +268,8 @@ def write_compress_report(out: Path, s: dict) -> None:
         lines += [f"{len(layers)} linears: {s['bytes'] / 1e6:.3f} MB (budget {s['budget'] / 1e6:.3f} MB; float16 "
                   f"{s['dense_bytes'] / 1e6:.3f} MB); Σ relative output error predicted {s['predicted']:.4g}, "
                   f"measured {s['measured']:.4g}. Written: `{Path(s['written']['model']).name}` ({job['format']}).", ""]
-    if ppl["before"] is not None:
-        rec = ppl.get("recovered")
-        lines += ["| held-out perplexity | before | after |" + (" after recovery |" if rec is not None else ""),
-                  "|---|---:|---:|" + ("---:|" if rec is not None else ""),
-                  f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |"
-                  + (f" {rec:.3f} |" if rec is not None else ""), ""]
+    rec = s["perplexity"].get("recovered")
+    lines += held_out_rows(s, job, (("after recovery", rec),) if rec is not None else ())
     if s["kind"] == "svd":
         kept = {n: r["params"] / r["dense_params"] for n, r in layers.items()}
         lines += [f"![kept]({_heatmap(out, kept, 'fraction of parameters kept per layer', 'kept', 'ranks.png')})", ""]

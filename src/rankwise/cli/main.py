@@ -41,6 +41,15 @@ def _root(
         sys.exit(launch(nproc, sys.argv[1:]))
 
 
+_FIELD_HELP = {
+    "text": "Field/column holding plain text in .jsonl/.json/.csv/.tsv records (default 'text').",
+    "prompt": "Field holding the prompt (context only; not scored), e.g. 'question' for GSM8K (default 'prompt').",
+    "completion": "Field holding the completion (scored; for exact-match the reference), e.g. 'answer' (default 'completion').",
+    "messages": "Field holding chat messages [{role, content}, …] (default 'messages'); assistant turns are scored.",
+    "label": "Field/column holding the class label for classification (default 'label').",
+}
+
+
 @app.command()
 def init(
     model: str = typer.Option("smollm2", help="Embedded name ('smollm2', 'minilm'), local HF model folder, or .gguf file."),
@@ -91,12 +100,16 @@ def quantize(
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence (and perplexity window)."),
     n_samples: int = typer.Option(32, help="Number of calibration sequences."),
     batch_size: int = typer.Option(4, help="Sequences per forward pass."),
-    format: str = typer.Option("safetensors", help="Output: 'safetensors' (dequantized transformers folder), 'compressed-tensors' (packed ints; transformers/vLLM load it) or 'gguf' (llama.cpp; Llama models)."),
-    eval_data: str = typer.Option("pydoc", help="Plain text for held-out perplexity before/after ('pydoc': its held-out paragraphs)."),
-    eval_tokens: int = typer.Option(2048, help="Tokens of held-out perplexity (0: skip)."),
+    format: str = typer.Option("safetensors", help="Output: 'safetensors' (dequantized transformers folder), 'compressed-tensors' (packed ints, int8 per code when --asymmetric; transformers loads it) or 'gguf' (llama.cpp; Llama models)."),
+    eval_data: str = typer.Option("pydoc", help="Plain text held out: perplexity before/after (causal LMs), or an encoder's embedding cosine to the float model ('pydoc': its held-out paragraphs)."),
+    eval_tokens: int = typer.Option(2048, help="Held-out tokens to measure (0: skip)."),
     device: str = typer.Option("cpu", help="Torch device."),
     out: Path = typer.Option(Path("runs/quantize"), help="Output folder: model (or model.gguf), report.md, report.json, errors.png."),
     opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --opt act_order=true; `rankwise quantizers` lists them."),
+    text_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["text"]),
+    prompt_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["prompt"] + " Calibration measures prompts too."),
+    completion_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["completion"]),
+    messages_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["messages"]),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Quantize a model's linear layers from one block-by-block calibration pass, export, report.
@@ -107,15 +120,30 @@ def quantize(
     job = QuantJob.build(where="rankwise quantize", model=model, data=data, method=method, bits=bits,
                          group_size=group_size or None, symmetric=symmetric, targets=targets, seq_len=seq_len,
                          n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
-                         eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"))
+                         eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"),
+                         fields=_fields(text_field, prompt_field, completion_field, messages_field))
     s = run_quantize(job, progress=not quiet, log=console.print)
     if not _is_main():
         return
-    ppl = s["perplexity"]
-    if ppl["before"] is not None:
-        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f} ({eval_tokens} tokens)")
+    _print_held_out(s, eval_tokens)
     console.print(f"{len(s['layers'])} layers quantized in {s['seconds']['quantize']:.1f} s on {s['tokens']} tokens; "
                   f"written to [bold]{s['written']}[/bold]; report: {out / 'report.md'}")
+
+
+def _fields(text: str | None, prompt: str | None, completion: str | None, messages: str | None) -> dict:
+    """The record fields given on the command line (the others keep their defaults)."""
+    given = dict(text_field=text, prompt_field=prompt, completion_field=completion, messages_field=messages)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _print_held_out(s: dict, eval_tokens: int) -> None:
+    ppl, cos = s["perplexity"], s.get("cosine")
+    if cos is not None:
+        console.print(f"held-out embedding cosine to the float model: {cos['after']:.4f}")
+    elif ppl["before"] is not None:
+        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f}"
+                      + (f" → {ppl['recovered']:.3f} after recovery" if ppl.get("recovered") is not None else "")
+                      + f" ({eval_tokens} tokens)")
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:
@@ -150,13 +178,17 @@ def compress(
     n_samples: int = typer.Option(32, help="Number of calibration sequences."),
     batch_size: int = typer.Option(4, help="Sequences per forward pass."),
     format: str = typer.Option("safetensors", help="mixed/joint output: 'safetensors' (dense), 'compressed-tensors' or 'gguf'. SVD methods always write model/ (factored) and merged/ (dense)."),
-    eval_data: str = typer.Option("pydoc", help="Plain text for held-out perplexity before/after (causal LMs)."),
-    eval_tokens: int = typer.Option(2048, help="Tokens of held-out perplexity (0: skip)."),
+    eval_data: str = typer.Option("pydoc", help="Plain text held out: perplexity before/after (causal LMs), or an encoder's embedding cosine to the float model."),
+    eval_tokens: int = typer.Option(2048, help="Held-out tokens to measure (0: skip)."),
     device: str = typer.Option("cpu", help="Torch device."),
     out: Path = typer.Option(Path("runs/compress"), help="Output folder: model/ (+ merged/), report.md, report.json, plots."),
     opt: Optional[list[str]] = typer.Option(None, help="An option of the method (SVD: alpha, min_rank, floor) or of the quantizer (mixed/joint: damp, act_order, …) as KEY=VALUE."),
     recover_steps: int = typer.Option(0, help="SVD methods: then train the factors this many steps on --data (PELA: distil the original model's hidden states and logits, weights regularized toward the originals); 0: no recovery."),
     recover_lr: float = typer.Option(1e-4, help="Learning rate of the recovery."),
+    text_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["text"]),
+    prompt_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["prompt"] + " Calibration measures prompts too."),
+    completion_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["completion"]),
+    messages_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["messages"]),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Compress a model from one calibration pass: low-rank factors (SVD, ASVD, SVD-LLM) under a parameter ratio, per-layer mixed precision under an average-bits budget, or bits and compensation ranks planned together under a memory budget.
@@ -170,15 +202,12 @@ def compress(
                             symmetric=symmetric, quantizer=quantizer, targets=targets, seq_len=seq_len,
                             n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
                             eval_tokens=eval_tokens, device=device, out=out, options=_init_opts(opt, "--opt"),
-                            recover_steps=recover_steps, recover_lr=recover_lr)
+                            recover_steps=recover_steps, recover_lr=recover_lr,
+                            fields=_fields(text_field, prompt_field, completion_field, messages_field))
     s = run_compress(job, progress=not quiet, log=console.print)
     if not _is_main():
         return
-    ppl = s["perplexity"]
-    if ppl["before"] is not None:
-        console.print(f"held-out perplexity {ppl['before']:.3f} → {ppl['after']:.3f}"
-                      + (f" → {ppl['recovered']:.3f} after recovery" if ppl.get("recovered") is not None else "")
-                      + f" ({eval_tokens} tokens)")
+    _print_held_out(s, eval_tokens)
     if s["kind"] == "svd":
         p = s["params"]
         size = f"{p['after']:,} of {p['before']:,} parameters ({p['ratio']:.1%})"
@@ -269,13 +298,6 @@ _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_da
                 "prompt_field": "data.prompt_field", "completion_field": "data.completion_field",
                 "messages_field": "data.messages_field", "max_eval_examples": "data.max_eval_examples",
                 "eval_every": "train.eval_every", "out": "out", "device": "device", "merge": "merge", "base": "base.method"}
-_FIELD_HELP = {
-    "text": "Field/column holding plain text in .jsonl/.json/.csv/.tsv records (default 'text').",
-    "prompt": "Field holding the prompt (context only; not scored), e.g. 'question' for GSM8K (default 'prompt').",
-    "completion": "Field holding the completion (scored; for exact-match the reference), e.g. 'answer' (default 'completion').",
-    "messages": "Field holding chat messages [{role, content}, …] (default 'messages'); assistant turns are scored.",
-    "label": "Field/column holding the class label for classification (default 'label').",
-}
 
 
 @app.command()
@@ -403,8 +425,10 @@ def _is_main() -> bool:
 
 
 def main() -> None:
+    from ..progress import quiet_libraries
     from ..train.loop import TrainingInterrupted
 
+    quiet_libraries()  # in a log, one line per stage rather than redrawn bars
     try:
         app()
     except TrainingInterrupted as e:

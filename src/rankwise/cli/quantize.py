@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ..atomic import write_text
 from ..config import StrictModel
+from ..data.formats import Fields
 from ..errors import ConfigError
 
 FORMAT_PATHS = {"safetensors": "model", "compressed-tensors": "model", "gguf": "model.gguf"}
@@ -33,14 +34,71 @@ class QuantJob(StrictModel):
     device: str = "cpu"
     out: Path = Path("runs/quantize")
     options: dict = {}  # the method's own keys, validated by its config
+    fields: Fields = Fields()  # which record fields hold the calibration text
 
 
-def _held_out_ppl(model, stream: list[int] | None, job: QuantJob) -> float | None:
+def _held_out_ppl(model, stream: list[int] | None, job) -> float | None:
     from ..train.evaluate import perplexity
 
     if not stream:
         return None
     return perplexity(model, stream, window=job.seq_len, stride=job.seq_len // 2)["perplexity"]
+
+
+class HeldOut:
+    """The report's held-out measure of what compression changed: a causal LM's perplexity on the
+    eval_data stream; for an encoder (no LM head), the mean cosine of its sentence embeddings (mean
+    pooling) to those of the float model it was made from, on the same held-out text."""
+
+    def __init__(self, model, tok, job, log=print):
+        from ..data.sources import read_stream, read_texts
+
+        self.job, self.metric, self.stream, self.batches, self.reference = job, None, None, None, None
+        if not job.eval_tokens:
+            return
+        split = "eval" if job.eval_data == "pydoc" else None
+        if getattr(model, "rankwise_task", "causal-lm") == "causal-lm":
+            self.metric, self.stream = "perplexity", read_stream(job.eval_data, tok, split)[: job.eval_tokens]
+        else:
+            from ..train.evaluate import encoder_batches, sentence_embeddings
+
+            self.metric = "cosine"
+            self.batches = encoder_batches(read_texts(job.eval_data, split), tok, job.seq_len, job.eval_tokens)
+            self.reference = sentence_embeddings(model, self.batches)  # the float model, before compression
+            log(f"held-out measure: embedding cosine to the float model ({len(self.reference)} texts of "
+                f"`{job.eval_data}`; the model has no language-model head)")
+
+    def __call__(self, model) -> float | None:
+        if self.metric == "perplexity":
+            return _held_out_ppl(model, self.stream, self.job)
+        if self.metric == "cosine":
+            from ..train.evaluate import embedding_cosine
+
+            return embedding_cosine(model, self.batches, self.reference)
+        return None
+
+    def summary(self, before: float | None, after: float | None) -> dict:
+        """{"perplexity": {before, after}} (None for an encoder) and, for an encoder, {"cosine": …} too."""
+        out = {"perplexity": {"before": before, "after": after} if self.metric == "perplexity" else
+               {"before": None, "after": None}}
+        if self.metric == "cosine":
+            out["cosine"] = {"before": before, "after": after}
+        return out
+
+
+def held_out_rows(s: dict, job: dict, extra: tuple = ()) -> list[str]:
+    """report.md's table of the held-out measure before/after (empty when none was taken); `extra`: a
+    (column title, value) pair for recovery."""
+    ppl, cos = s["perplexity"], s.get("cosine")
+    if cos is not None:
+        title, values = f"held-out embedding cosine to the float model (`{job['eval_data']}`)", cos
+    elif ppl["before"] is not None:
+        title, values = f"held-out perplexity (`{job['eval_data']}`, {job['eval_tokens']} tokens)", ppl
+    else:
+        return []
+    head = "| measure | before | after |" + "".join(f" {t} |" for t, _ in extra)
+    row = f"| {title} | {values['before']:.4g} | {values['after']:.4g} |" + "".join(f" {v:.4g} |" for _, v in extra)
+    return [head, "|---|---:|---:|" + "---:|" * len(extra), row, ""]
 
 
 def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
@@ -49,7 +107,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     Under torchrun the calibration batches are shared out and each block's statistics summed before it is
     quantized, so every rank quantizes it identically; rank 0 evaluates and writes."""
     from .. import distributed as dist
-    from ..data.sources import check_source, load_data, read_stream
+    from ..data.sources import check_source, load_data
     from ..quant import get_quantizer, quantize
     from .jobs import load_model_on
 
@@ -77,34 +135,34 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
             from ..export.gguf import check_writable
 
             check_writable(model)
-        batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size) \
+        batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
+                            fields=job.fields) \
             if quantizer.observe else None
         if batches is not None:
             batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
-        stream = read_stream(job.eval_data, tok, "eval" if job.eval_data == "pydoc" else None)[: job.eval_tokens] \
-            if job.eval_tokens and main else None  # read and tokenized once, scored before and after (rank 0)
-    t1 = time.perf_counter()
-    before = _held_out_ppl(model, stream, job)
+        held_out = HeldOut(model, tok, job if main else job.model_copy(update={"eval_tokens": 0}), log)
+    t1 = time.perf_counter()  # the held-out text is read and tokenized once, scored before and after (rank 0)
+    before = held_out(model)
     t2 = time.perf_counter()
     with dist.together("quantizing"):
         report = quantize(model, batches, job.method, progress=progress, **options)
     t3 = time.perf_counter()
     if not main:  # rank 0 alone evaluates and writes, with no collective: the others are done
         return {**report.to_dict(), "written": None}
-    return _finish(model, tok, stream, report, job, before, (t0, t1, t2, t3))
+    return _finish(model, tok, held_out, report, job, before, (t0, t1, t2, t3))
 
 
-def _finish(model, tok, stream, report, job: QuantJob, before: float | None, times: tuple) -> dict:
-    """Rank 0: held-out perplexity after quantizing, export, report.json and report.md."""
+def _finish(model, tok, held_out: HeldOut, report, job: QuantJob, before: float | None, times: tuple) -> dict:
+    """Rank 0: the held-out measure after quantizing, export, report.json and report.md."""
     from ..export import export_model
 
     t0, t1, t2, t3 = times
-    after = _held_out_ppl(model, stream, job)
+    after = held_out(model)
     t4 = time.perf_counter()
     written = export_model(model, job.out / FORMAT_PATHS[job.format], job.format, tokenizer=tok)
     seconds = {"load": t1 - t0, "quantize": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
     summary = {**report.to_dict(), "job": json.loads(job.model_dump_json()), "written": str(written),
-               "seconds": seconds, "perplexity": {"before": before, "after": after}}
+               "seconds": seconds, **held_out.summary(before, after)}
     write_text(job.out / "report.json", json.dumps(summary, indent=1))
     write_quant_report(job.out, summary)
     return summary
@@ -129,8 +187,8 @@ def _plot_errors(out: Path, layers: dict) -> str:
 
 
 def write_quant_report(out: Path, s: dict) -> None:
-    """report.md: what was done, held-out perplexity before/after, the worst layers, a per-layer plot."""
-    job, layers, ppl = s["job"], s["layers"], s["perplexity"]
+    """report.md: what was done, the held-out measure before/after, the worst layers, a per-layer plot."""
+    job, layers = s["job"], s["layers"]
     cfg = s["config"]
     mean_bits = sum(r["bits"] for r in layers.values()) / max(len(layers), 1)
     lines = [f"# rankwise quantize: {s['method']} on {job['model']}", "",
@@ -138,9 +196,7 @@ def write_quant_report(out: Path, s: dict) -> None:
              f"{'symmetric' if cfg['symmetric'] else 'asymmetric'}; {len(layers)} layers, {mean_bits:.2f} bits per "
              f"weight with scales; calibrated on {s['tokens']} tokens of `{job['data']}`; quantized in "
              f"{s['seconds']['quantize']:.1f} s. Written: `{Path(s['written']).name}` ({job['format']}).", ""]
-    if ppl["before"] is not None:
-        lines += ["| held-out perplexity | before | after |", "|---|---:|---:|",
-                  f"| `{job['eval_data']}`, {job['eval_tokens']} tokens | {ppl['before']:.3f} | {ppl['after']:.3f} |", ""]
+    lines += held_out_rows(s, job)
     worst = sorted(layers.items(), key=lambda kv: -kv[1]["error"])[:8]
     comp = cfg.get("compensate", "none") != "none"
     lines += ["| layer | error | " + (f"with {cfg['compensate']} rank {cfg['compensate_rank']} | " if comp else "")

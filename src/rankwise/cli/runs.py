@@ -337,17 +337,26 @@ def _export_compressed(model, tok, eval_ds: Dataset, cfg: RunConfig, out: Path, 
 
 
 def name_base(adapter: Path, base: Path, method: str) -> None:
-    """Point the adapter's rankwise.json at the compressed base it was trained on (`rankwise eval --adapter`
-    then loads that, not the float model), keeping the float model's name as `original_base`."""
+    """Point the adapter at the compressed base it was trained on: rankwise.json (`rankwise eval --adapter`
+    then loads that, not the float model; the float model's name kept as `original_base`) and
+    adapter_config.json's base_model_name_or_path, which peft's AutoPeftModel* loads."""
+    from ..compress.folder import FIELD
     from ..export.peft import META, read_adapter_meta
     from ..models import describe_base
 
     meta = read_adapter_meta(adapter)
     base = str(base.resolve())
+    factored = FIELD in json.loads((Path(base) / "config.json").read_text())
+    how = (f"only rankwise reads the factored folder: rankwise.load_model({base!r})" if factored else
+           f"rankwise.load_model({base!r}) decompresses it; with peft alone: AutoPeftModelForCausalLM.from_pretrained("
+           f"adapter, quantization_config=CompressedTensorsConfig(dequantize=True))")
     meta = {**meta, **describe_base(base), "original_base": meta.get("base_model"),
-            "note": f"trained on the {method} base in {base}; load it with rankwise.load_model({base!r}), which "
-                    "decompresses it (see README: fine-tuning on a compressed base)"}
+            "note": f"trained on the {method} base in {base}; {how} (see README: fine-tuning on a compressed base)"}
     write_text(adapter / META, json.dumps(meta, indent=2))
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base  # the float model under this adapter would count a correction twice
+    write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def _check_sources(cfg: RunConfig) -> None:

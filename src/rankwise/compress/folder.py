@@ -2,10 +2,12 @@
 
 Layout: what `save_pretrained` writes, with `<layer>.down.weight` [k, in] and `<layer>.up.weight`
 [out, k] (+ `<layer>.up.bias`) in place of `<layer>.weight`, and one extra config.json field,
-`rankwise_lowrank = {"ranks": {layer: k}, "method": …}`. `rankwise.load_model(folder)` (and every
-rankwise command's `--model`) reads it: the architecture is built from config.json, the listed
-layers are factored, and the weights are loaded strictly (a missing or unexpected tensor is an error).
-Plain `from_pretrained` does not know the field; for other tools write the merged dense folder.
+`rankwise_lowrank = {"ranks": {layer: k}, "method": …}`; the weights are named `factored*.safetensors`
+(not `model*.safetensors`), so plain `from_pretrained` stops with "no file named model.safetensors"
+instead of initialising the factored layers' missing weights at random and loading the rest.
+`rankwise.load_model(folder)` (and every rankwise command's `--model`) reads it: the architecture is built
+from config.json, the listed layers are factored, and the weights are loaded strictly (a missing or
+unexpected tensor is an error). For other tools write the merged dense folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import ModelLoadError
 from .linear import factor_, lowrank_layers
 
 FIELD = "rankwise_lowrank"
+WEIGHTS = "factored"  # factored.safetensors, or factored-0000i-of-0000n.safetensors + factored.safetensors.index.json
 
 
 def save_factored(model: nn.Module, out: str | os.PathLike, tokenizer=None, method: str = "") -> Path:
@@ -33,11 +36,24 @@ def save_factored(model: nn.Module, out: str | os.PathLike, tokenizer=None, meth
     try:
         with staging_dir(out) as tmp:
             model.save_pretrained(tmp)
+            _rename_weights(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     finally:
         delattr(config, FIELD)  # the in-memory model (and a merged export of it) stays a plain model
     return out
+
+
+def _rename_weights(folder: Path) -> None:
+    """model*.safetensors (and the shard index) → factored*.safetensors, the index's map rewritten."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v.replace("model", WEIGHTS, 1) for k, v in data["weight_map"].items()}
+        (folder / f"{WEIGHTS}.safetensors.index.json").write_text(json.dumps(data, indent=2))
+        index.unlink()
+    for f in sorted(folder.glob("model*.safetensors")):
+        f.rename(folder / f.name.replace("model", WEIGHTS, 1))
 
 
 def is_factored(config) -> bool:
@@ -47,8 +63,9 @@ def is_factored(config) -> bool:
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    stem = WEIGHTS if any(path.glob(f"{WEIGHTS}*.safetensors")) else "model"  # "model": folders before the rename
+    index = path / f"{stem}.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [f"{stem}.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(path / f))

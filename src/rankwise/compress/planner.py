@@ -184,7 +184,7 @@ def measure_options(model: nn.Module, batches, names: list[str], cfg: PlanConfig
             if key in stats.layers:
                 stats.layers[key].m2 = None
 
-    calibrate(model, batches, names, observe=("moments",), step=step, transforms=False, progress=progress)
+    calibrate(model, batches, names, observe=("moments",), step=step, transforms=False, progress=progress, use_label_mask=False)
     return {n: options[n] for n in names}
 
 
@@ -323,7 +323,7 @@ def apply_plan(model: nn.Module, batches, report: PlanReport, cfg: PlanConfig, p
     observe = tuple(dict.fromkeys(("moments", *quantizer.observe)))
     try:
         calibrate(model, batches, list(report.layers), observe=observe, step=step, progress=progress,
-                  true_sequential=getattr(qcfg, "true_sequential", False))
+                  true_sequential=getattr(qcfg, "true_sequential", False), use_label_mask=False)
     finally:
         for q in quantized_layers(model).values():
             q.cache_weight_(False)

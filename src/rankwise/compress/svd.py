@@ -151,7 +151,7 @@ def measure_curves(model: nn.Module, batches, cfg: SVDConfig, progress: bool = T
             if n in stats.layers:
                 stats.layers[n].m2 = None  # bounded memory: this block's XᵀX is spent
 
-    calibrate(model, batches, names, observe=observe(cfg), step=step, transforms=False, progress=progress)
+    calibrate(model, batches, names, observe=observe(cfg), step=step, transforms=False, progress=progress, use_label_mask=False)
     return curves
 
 
@@ -246,7 +246,7 @@ def compress(model: nn.Module, batches, method: str = "svd-llm", *, progress: bo
             if n in stats.layers:
                 stats.layers[n].m2 = None
 
-    stats = calibrate(model, batches, list(ranks), observe=observe(cfg), step=step, progress=progress)
+    stats = calibrate(model, batches, list(ranks), observe=observe(cfg), step=step, progress=progress, use_label_mask=False)
     report.seconds = {"plan": t1 - t0, "apply": time.perf_counter() - t1}
     report.tokens = max(st.n for st in stats.layers.values())
     return report

@@ -111,6 +111,14 @@ def read_stream(source: str, tokenizer, split: str | None = None, fraction: floa
     return token_stream(_text_split(source, split, fraction), tokenizer)
 
 
+def read_texts(source: str, split: str | None = None, fraction: float = 0.1) -> list[str]:
+    """The documents of a plain-text source (its held-out paragraphs with split="eval"), untokenized."""
+    check_source(source)
+    if not is_plain_text(source):
+        raise DataError(f"{source}: held-out documents need plain text ('pydoc', .txt)")
+    return _text_split(source, split, fraction)
+
+
 def read_examples(source: str, tokenizer, task: str, seq_len: int, split: str | None, fraction: float,
                   fields: Fields, label_names: list[str] | None = None) -> Dataset:
     """Tokenize one source; split=None takes it whole, else keeps the train or eval slice."""

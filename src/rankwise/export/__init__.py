@@ -33,9 +33,11 @@ def export_dense(model, out: str | os.PathLike, tokenizer=None, **_) -> Path:
     from ..atomic import staging_dir
     from ..compress.linear import merge_lowrank_
     from ..quant.linear import dequantize_
+    from .check import check_reloadable
 
     out = Path(out)
     plain = merge_lowrank_(dequantize_(copy.deepcopy(model)))
+    check_reloadable(plain, f"safetensors export to {out}")
     with staging_dir(out) as tmp:
         plain.save_pretrained(tmp)
         if tokenizer is not None:

@@ -1,6 +1,7 @@
 """compressed-tensors checkpoints (`pack-quantized`; `int-quantized` for asymmetric grids) of a rankwise-quantized model.
 
-transformers loads them with plain `from_pretrained` (and vLLM serves them). Our grid maps onto
+transformers loads them with plain `from_pretrained` (tested here); no one has checked that vLLM serves
+them, so rankwise does not claim it. Our grid maps onto
 compressed-tensors' int grid one to one: its code is q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1] and its
 zero point z − 2^(b−1) (0 when symmetric), with the same scales, so the saved integers are ours: the
 library re-derives them as round(W/s + z′) from the exact weight (q − z)·s and our own scales.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from ..atomic import staging_dir
 from ..errors import QuantError
 from ..quant.linear import QuantLinear, dequantize_, quantized_layers
+from .check import check_reloadable
 
 
 def _scheme_key(q: QuantLinear) -> tuple:
@@ -38,11 +41,18 @@ def _quantization_config(layers: dict[str, QuantLinear]):
     return QuantizationConfig(config_groups=config_groups, format=_format(layers))
 
 
+ASYMMETRIC_NOTE = ("asymmetric grids are written int-quantized, one int8 per code (not packed): compressed-tensors "
+                   "0.20's pack-quantized format, which its W4A16_ASYM preset writes, packs the zero points too "
+                   "([rows/8, groups] int32), and transformers 5.23 refuses that shape on load; quantize with "
+                   "--symmetric for a packed checkpoint")
+
+
 def _format(layers: dict[str, QuantLinear]) -> str:
-    """pack-quantized (int32 words of codes); int-quantized (one int8 per code) when a grid is asymmetric:
-    compressed-tensors 0.20 packs zero points too, and transformers 5.23 then refuses their shape on
-    load (a [rows/8, groups] tensor where it registered [rows, groups])."""
-    return "pack-quantized" if all(q.grid.symmetric for q in layers.values()) else "int-quantized"
+    """pack-quantized (int32 words of codes); int-quantized when a grid is asymmetric (ASYMMETRIC_NOTE)."""
+    if all(q.grid.symmetric for q in layers.values()):
+        return "pack-quantized"
+    warnings.warn(f"compressed-tensors: {ASYMMETRIC_NOTE}", stacklevel=3)
+    return "int-quantized"
 
 
 def _check_exportable(layers: dict[str, QuantLinear]) -> None:
@@ -66,6 +76,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     # Exact weights (q − z)·s as nn.Linear, in float32: compressed-tensors gives the scales the weight's
     # dtype and re-derives the codes as round(W/s + z′), which bfloat16 weights and scales would not keep.
     plain = dequantize_(copy.deepcopy(model)).float()
+    check_reloadable(plain, f"compressed-tensors export to {out_dir}")
     qconfig = _quantization_config(layers)
     apply_quantization_config(plain, qconfig)
     for name, q in layers.items():

@@ -117,10 +117,16 @@ def to_original_base(folder: Path, plan: Plan) -> str:
 def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Fold the adapter into a copy of the base weights and save a plain transformers folder (dense float:
     a compressed base is folded in as its effective weight)."""
+    from ..compress.linear import merge_lowrank_
     from ..peft_layers import merged_copy
+    from ..quant.linear import dequantize_
+    from .check import check_reloadable
 
     out = Path(out_dir)
-    merged = merged_copy(peft_model)  # a quantized or factored base: merged into its effective float weight
+    # Layers under a LoRA layer were merged into their effective float weight; the compressed layers the
+    # adapter does not touch (other targets, EVA's rank-0 layers) are made dense here.
+    merged = merge_lowrank_(dequantize_(merged_copy(peft_model)))
+    check_reloadable(merged, f"merged model for {out}")
     with staging_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -87,14 +87,10 @@ class LowRankFit:
         return b @ a
 
     def balanced_factors(self, k: int, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
-        """(A [k, in], B [out, k]) float32 with B·A ≈ W_k, σ split evenly (A = diag(√σ)·VᵀS⁻¹, B = U·diag(√σ),
-        so neither factor's range dwarfs the other's), rounded to values `dtype` holds exactly: a float16
-        copy of the factors is then lossless, and their storage is 2 bytes per entry."""
-        a, b = self.factors(k)
-        root = self.sigma[:k].clamp_min(0).sqrt()
-        root = torch.where(root > 0, root, torch.ones_like(root))
-        a, b = a * root[:, None], b / root[None, :]
-        return a.to(dtype).float(), b.to(dtype).float()
+        """(A [k, in], B [out, k]) float32 with B·A ≈ W_k, each component's scale split evenly between its
+        row of A and column of B (`balance`), rounded to values `dtype` holds exactly: a float16 copy of
+        the factors is then lossless, and their storage is 2 bytes per entry."""
+        return balance(*self.factors(k), dtype)
 
     def output_errors(self, gram: Tensor) -> Tensor:
         """[r + 1]: tr((W − W_k)·G·(W − W_k)ᵀ) for every k, under any PSD G [in, in] (e.g. the true XᵀX/n
@@ -106,6 +102,21 @@ class LowRankFit:
         v = self.vt_sinv.to(gram.device, torch.float64)
         m = ((v @ gram.double()) * v).sum(1)  # [r]: v_jᵀS⁻¹ G S⁻ᵀ v_j
         return tail_sums(self.sigma.double() * m.clamp_min(0).sqrt())
+
+
+def balance(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
+    """(A′ [k, in], B′ [out, k]) float32 with B′·A′ = B·A and ‖A′ᵢ‖ = ‖B′ᵢ‖ = √(‖Aᵢ‖·‖Bᵢ‖) for each
+    component i, rounded to values `dtype` holds exactly. Only the product's size bounds the factors'
+    range: a whitened fit (A = VᵀS⁻¹, huge where the inputs are small) no longer overflows float16.
+    ValueError when even balanced factors do not fit `dtype`."""
+    na, nb = a.float().norm(dim=1), b.float().norm(dim=0)
+    c = (nb / na).sqrt()
+    c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))  # a zero component: leave it as it is
+    a2, b2 = (a.float() * c[:, None]).to(dtype).float(), (b.float() / c[None, :]).to(dtype).float()
+    if not (torch.isfinite(a2).all() and torch.isfinite(b2).all()):
+        big = float(torch.maximum(na, nb).max())
+        raise ValueError(f"low-rank factors of size {big:.3g} do not fit {dtype} even balanced")
+    return a2, b2
 
 
 def weighting(gram: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor, int]:

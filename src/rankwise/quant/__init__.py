@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from ..config import StrictModel
 from ..registry import import_all, lookup
+from ..targets import pattern_value
 from ..numerics.quantize import MAX_BITS, MIN_BITS, Grid
 
 
@@ -29,10 +30,11 @@ class QuantConfig(StrictModel):
         "none", description="low-rank compensation of each layer's quantization error: lorc (plain SVD of the error, "
                             "ZeroQuant-V2) or eora (weighted by the inputs' XᵀX, needs calibration)")
     compensate_rank: int = Field(16, ge=1, description="rank of the compensation term (capped at a layer's size)")
-    bits_pattern: dict[str, int] = Field({}, description="per-layer bits overriding `bits` (full module names; "
-                                                         "mixed precision and the planner fill it)")
+    bits_pattern: dict[str, int] = Field({}, description="per-layer bits overriding `bits` (module names or dotted "
+                                                         "suffixes, the longest match wins; mixed precision and the "
+                                                         "planner fill it)")
     rank_pattern: dict[str, int] = Field({}, description="per-layer compensation ranks overriding compensate_rank "
-                                                         "(0: no compensation for that layer)")
+                                                         "(names as in bits_pattern; 0: no compensation for that layer)")
 
     @field_validator("bits")
     @classmethod
@@ -70,11 +72,11 @@ class QuantConfig(StrictModel):
 
     def grid_for(self, name: str) -> Grid:
         """The grid of layer `name`: `bits_pattern`'s bits if it names the layer, else `bits`."""
-        return Grid(self.bits_pattern.get(name, self.bits), self.group_size, self.symmetric)
+        return Grid(pattern_value(self.bits_pattern, name, self.bits), self.group_size, self.symmetric)
 
     def rank_for(self, name: str) -> int:
         """The compensation rank of layer `name` (0: none)."""
-        return 0 if self.compensate == "none" else self.rank_pattern.get(name, self.compensate_rank)
+        return 0 if self.compensate == "none" else pattern_value(self.rank_pattern, name, self.compensate_rank)
 
 
 class Quantizer(Protocol):

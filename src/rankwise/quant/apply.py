@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from ..calib.calibrate import calibrate
 from ..calib.stats import Stats
 from ..errors import QuantError
-from ..numerics.lowrank import lowrank_fit
+from ..numerics.lowrank import balance, lowrank_fit
 from ..numerics.quantize import check_grid, output_error
-from ..targets import find_targets
+from ..targets import check_pattern, find_targets
 from . import QuantConfig, get_quantizer
 from .linear import QuantLinear, quantized_layers, set_module
 
@@ -100,7 +100,7 @@ class Context:
         after = None
         rank = self.cfg.rank_for(name)
         if rank > 0:
-            correction = self._compensate(q, ref - w_hat, h, folded, rank)
+            correction = self._compensate(name, q, ref - w_hat, h, folded, rank)
             after = self._error(ref, w_hat + correction, h) / norm
         set_module(self.model, name, q)
         q.cache_weight_(self.cache)
@@ -114,16 +114,21 @@ class Context:
         """‖(W − Ŵ)X‖² on the calibration inputs, or ‖W − Ŵ‖² without them."""
         return output_error(ref, w_hat, h) if h is not None else float(((ref - w_hat) ** 2).sum())
 
-    def _compensate(self, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None, rank: int) -> Tensor:
+    def _compensate(self, q_name: str, q: QuantLinear, error: Tensor, h: Tensor | None, folded: Tensor | None, rank: int) -> Tensor:
         """Fit B·A to the rounding error W − Ŵ [out, in] (as the layer acts on the original inputs):
         weighted by XᵀX (EoRA) or not (LoRC); give it to q; return B·A in those input coordinates."""
         fit = lowrank_fit(error, h if self.cfg.compensate == "eora" else None,
                           k=min(rank, *error.shape))
         k = fit.sigma.shape[0]
         # float16-exact factors: what bits_per_weight counts (16 bits each) is what a float16 copy holds.
-        # With a folded AWQ scale the layer reads x/s, so A·x = (A·diag(s))·(x/s).
-        a, b = fit.balanced_factors(k) if folded is None else \
-            [t.half().float() for t in (fit.factors(k)[0] * folded[None, :], fit.factors(k)[1])]
+        # With a folded AWQ scale the layer reads x/s, so A·x = (A·diag(s))·(x/s); balanced after that
+        # scaling, so that only the size of B·A bounds the factors' range.
+        a, b = fit.factors(k)
+        try:
+            a, b = balance(a if folded is None else a * folded[None, :], b)
+        except ValueError as e:
+            raise QuantError(f"{q_name}: the {self.cfg.compensate} compensation cannot be stored in float16 ({e}); "
+                             "lower compensate_rank or use compensate='lorc'") from None
         q.compensate_(a, b)
         return (b @ (a if folded is None else a / folded[None, :])).float()
 
@@ -147,6 +152,8 @@ def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
             raise QuantError(f"{mname} is a {type(m).__name__}: this model is already quantized by {tool}; "
                              "load the original floating-point model instead")
     names = find_targets(model, targets)
+    check_pattern(cfg.bits_pattern, names, "bits_pattern")
+    check_pattern(cfg.rank_pattern, names, "rank_pattern")
     for n in names:
         w = model.get_submodule(n).weight
         try:
@@ -203,6 +210,7 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
     t = time.perf_counter()
     try:
         stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, progress=progress,
+                          use_label_mask=False,  # every token the model reads matters, prompts included
                           step=quant_step(model, quantizer, cfg, report),
                           true_sequential=getattr(cfg, "true_sequential", False))
     finally:

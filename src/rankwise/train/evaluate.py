@@ -7,7 +7,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import DataError
 from ..losses import loss_terms  # noqa: F401  (train's and calibration's task loss, re-exported here)
@@ -41,7 +41,7 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
     was = model.training
     model.eval()
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="perplexity", leave=False):
+    for i in progress_bar(range(0, len(jobs), batch_size), disable=not progress, desc="perplexity", leave=False):
         chunk = jobs[i : i + batch_size]
         width = max(e - b for b, e, _ in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -67,7 +67,7 @@ def record_perplexity(model, batches: list[dict], progress: bool = False) -> dic
     was = model.training
     model.eval()
     nll, count = 0.0, 0
-    for b in tqdm(batches, disable=not progress, desc="perplexity", leave=False):
+    for b in progress_bar(batches, disable=not progress, desc="perplexity", leave=False):
         loss, n = loss_terms(model, {k: v.to(device) for k, v in b.items()}, "causal-lm")
         nll, count = nll + float(loss), count + n
     model.train(was)
@@ -116,7 +116,7 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_ne
     model.eval()
     hits, outputs = 0, []
     try:
-        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate", leave=False):
+        for i in progress_bar(range(0, len(prompts), batch_size), disable=not progress, desc="generate", leave=False):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -129,3 +129,48 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_ne
         tokenizer.padding_side = side
         model.train(was)
     return {"exact_match": hits / max(len(prompts), 1), "examples": len(prompts), "outputs": outputs}
+
+
+def encoder_batches(texts: list[str], tokenizer, seq_len: int, max_tokens: int, batch_size: int = 8) -> list[dict]:
+    """Held-out documents as encoder inputs: each tokenized with its special tokens, truncated to seq_len,
+    taken in order until max_tokens tokens; batched, right-padded."""
+    encoded, total = [], 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        ids = tokenizer(text, truncation=True, max_length=seq_len)["input_ids"]
+        encoded.append(ids)
+        total += len(ids)
+    if not encoded:
+        raise DataError("the held-out text gave no documents to embed")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i: i + batch_size]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, c in enumerate(chunk):
+            ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def sentence_embeddings(model, batches: list[dict]) -> torch.Tensor:
+    """[n, d] float32: each sequence's mean-pooled last hidden state over its attended tokens, unit length
+    (the sentence-transformers pooling of all-MiniLM-L6-v2)."""
+    device = next(model.parameters()).device
+    out = []
+    for b in batches:
+        mask = b["attention_mask"].to(device)
+        h = model(input_ids=b["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def embedding_cosine(model, batches: list[dict], reference: torch.Tensor) -> float:
+    """Mean cosine between `model`'s sentence embeddings of `batches` and `reference` (those of the float
+    model): 1 when nothing changed."""
+    return float((sentence_embeddings(model, batches) * reference).sum(-1).mean())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from .. import distributed as dist
 from ..config import StrictModel
@@ -284,7 +284,7 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
         metrics.unlink()
     eval_batches = batchify(eval_ds.examples, tokenizer, cfg.batch_size) if eval_ds else []
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main), desc="train", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=start, disable=not (progress and main), desc="train", unit="step")
     step, t_last = start, time.perf_counter()
     with _Interrupts() as interrupts:
         try:
