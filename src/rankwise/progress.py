@@ -2,8 +2,8 @@
 
 tqdm redraws its bar with carriage returns, which a log file keeps: `make demo > log` once held a 12.7 KB
 line for the training bar alone. `progress(...)` takes tqdm's arguments and returns tqdm when stderr is
-a terminal; otherwise a `LineProgress` that writes one line when the stage (description) changes and
-about ten per stage, each with the count, the postfix (loss, tokens/s, …) and the elapsed time.
+a terminal; otherwise a `LineProgress` that writes one line per stage where the caller names stages
+(set_description: "calibrate block 3/30"), else about ten over the whole count, each with the count, the postfix (loss, tokens/s, …) and the elapsed time.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class LineProgress:
         self.every = max(1, math.ceil(total / lines)) if total else 1
         self.postfix, self.stream, self._t0 = "", stream or sys.stderr, time.perf_counter()
         self._said = None  # (desc, n) of the last line written
+        self.staged = False
         self._closed = False
 
     def __iter__(self):
@@ -70,6 +71,7 @@ class LineProgress:
         return self.total or 0
 
     def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.staged = True  # stages (blocks) set the pace: one line each, no periodic ones in between
         if desc != self.desc:
             self.desc = desc
             self._line()  # a new stage: say so once
@@ -80,6 +82,8 @@ class LineProgress:
 
     def update(self, n: int = 1) -> None:
         before, self.n = self.n, self.n + n
+        if self.staged:
+            return
         if self.n // self.every != before // self.every or (self.total and self.n >= self.total):
             self._line()
 
