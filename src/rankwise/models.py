@@ -189,20 +189,46 @@ def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:
     return model
 
 
-# A classification model's head starts fresh: these weights may be absent from the checkpoint.
-_HEAD_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.")
-
-
 def _check_missing(path: Path, model: nn.Module, missing: list[str], fresh_head: bool) -> None:
     """ModelLoadError when weights the architecture needs are not in the checkpoint (transformers would
     initialise them at random and only print a report): an encoder loaded as a causal LM has no
     language-model head, a folder missing tensors is damaged."""
-    missing = sorted(k for k in missing if not (fresh_head and k.startswith(_HEAD_PREFIXES)))
+    from .targets import task_heads
+
+    heads = tuple(f"{h}." for h in task_heads(model)) if fresh_head else ()  # a new classification head
+    missing = sorted(k for k in missing if not (heads and k.startswith(heads)))
     if missing:
         raise ModelLoadError(
             f"{path} lacks {len(missing)} weight(s) that {type(model).__name__} needs (e.g. {', '.join(missing[:3])}); "
             "they would start at random. An encoder (BERT-like) has no language-model head: use it with "
             "--task seq-cls, or for quantize/compress as it is; otherwise the folder is incomplete")
+
+
+# Families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
+# their usable length is max_position_embeddings − (pad_token_id + 1).
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                            "data2vec-text", "longformer", "ibert", "mpnet", "esm"}
+
+
+def usable_length(model: nn.Module) -> int | None:
+    """The most tokens one sequence may hold (learned position tables are finite), or None if unbounded."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(n, int):
+        return None
+    if getattr(cfg, "model_type", "") in _POSITIONS_AFTER_PADDING:
+        n -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def fit_seq_len(model: nn.Module, seq_len: int, log=print) -> int:
+    """seq_len, or the model's usable length when that is shorter (said once)."""
+    limit = usable_length(model)
+    if limit is None or seq_len <= limit:
+        return seq_len
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    log(f"note: --seq-len {seq_len} is longer than this {kind} model's {limit} usable positions; using {limit}")
+    return limit
 
 
 def describe_base(source: str) -> dict:

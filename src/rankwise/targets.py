@@ -34,14 +34,29 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def task_heads(model: nn.Module) -> list[str]:
+    """The top-level modules of a task model that are not its base model (transformers' `base_model`):
+    BERT's classifier, DistilBERT's pre_classifier + classifier, RoBERTa's classifier (dense, out_proj),
+    DeBERTa's pooler + classifier, ModernBERT's head + classifier, a decoder's score or lm_head. A base
+    model alone has none. These are trained whole or left alone, never given an adapter."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    return [n for n, child in model.named_children() if child is not base and any(True for _ in child.parameters())]
+
+
 def _head_names(model: nn.Module) -> set[str]:
-    heads = set()
+    heads = set(task_heads(model))
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
         if (out is not None and module is out) or name.split(".")[-1] in _HEAD_NAMES:
             heads.add(name)
     return heads
+
+
+def _in_head(name: str, heads: set[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
 
 
 def _matches(name: str, key: str) -> bool:
@@ -77,7 +92,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
     spec = parse_targets(targets)
     if spec == "all-linear":
         heads = _head_names(model)
-        found = [n for n in linears if n not in heads]
+        found = [n for n in linears if not _in_head(n, heads)]
     elif isinstance(spec, re.Pattern):
         found = [n for n in linears if spec.fullmatch(n)]
     else:

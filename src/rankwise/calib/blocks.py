@@ -37,6 +37,13 @@ class _StandIn(nn.Module):
             return getattr(self.__dict__["_inner"], name)
 
 
+def _shaped_like(out, h: Tensor):
+    """h in the place of a block's hidden-state output, the rest of `out` (a tuple or list) kept."""
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return type(out)([h, *out[1:]])
+    return h
+
+
 def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList] | None:
     """The nn.ModuleList holding the most target modules, as (qualified name, list), or None."""
     best, best_count = None, 0
@@ -170,6 +177,8 @@ class BlockRunner:
         hidden: list[Tensor | None] = [None] * len(batches)
         calls: list[list] = [[None] * len(batches) for _ in range(n_blocks)]
 
+        like: dict[int, object] = {}  # what block i returns, learned once from the real block
+
         def capture(i, b, args, kwargs):
             h, rest, kw = _split_hidden(args, kwargs)
             calls[i][b] = (rest, kw)
@@ -177,7 +186,9 @@ class BlockRunner:
                 hidden[b] = h
             if i == last:
                 raise _Stop
-            return h
+            if i not in like:  # a model may unpack what a block returns (DeBERTa: states, attention)
+                like[i] = self.blocks[i].__dict__["_inner"](h, *rest, **kw)
+            return _shaped_like(like[i], h)
 
         # Pass 1: the model's prefix only (embeddings, masks, rotary tables); records each block's call.
         self.recorder.active = set(self.outside)

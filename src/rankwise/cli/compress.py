@@ -107,6 +107,7 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     from .. import distributed as dist
     from ..compress import SVDConfig, PlanConfig
     from ..data.sources import check_source, load_data
+    from ..models import fit_seq_len
     from .jobs import load_model_on
 
     verb, opts = _options(job)
@@ -123,6 +124,7 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
         model, tok = load_model_on(job.model, device)
+        job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
         if job.format == "gguf":
             from ..export.gguf import check_writable
 

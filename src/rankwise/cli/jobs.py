@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,10 @@ class InitJob(StrictModel):
     options: dict = {}  # the method's own keys (e.g. {"niter": 4} for pissa), validated by its config
 
 
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def run_init(job: InitJob, progress: bool = True) -> dict:
     """Run the init job; returns {"plan", "model", "out", "tokens", "seconds": {...}} after writing job.out.
 
@@ -47,6 +52,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from ..methods import config_options, get_init, grads_for, keep_for
     from ..plan.plan import plan
 
+    from ..models import fit_seq_len
+
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
     device = dist.init_from_env(job.device)
     progress = progress and dist.is_main()
@@ -57,7 +64,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     with dist.together("loading the model and the data"):
         model, tok = load_model_on(job.model, device)
         if keep is not None or needs_grad:  # data-free methods skip calibration entirely
-            batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size)
+            seq_len = fit_seq_len(model, job.seq_len, _note if dist.is_main() else (lambda *a: None))
+            batches = load_data(job.data, tok, seq_len=seq_len, n=job.n_samples, batch_size=job.batch_size)
             batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
     t1 = time.perf_counter()
     with dist.together("calibrating and planning"):

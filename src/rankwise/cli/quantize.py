@@ -109,6 +109,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     from .. import distributed as dist
     from ..data.sources import check_source, load_data
     from ..quant import get_quantizer, quantize
+    from ..models import fit_seq_len
     from .jobs import load_model_on
 
     quantizer = get_quantizer(job.method)  # unknown method / bad options fail before the model loads
@@ -131,6 +132,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
         model, tok = load_model_on(job.model, device)
+        job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
         if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
             from ..export.gguf import check_writable
 

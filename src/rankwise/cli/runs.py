@@ -158,10 +158,11 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def head_modules(model) -> list[str]:
-    """Leaf names of task heads to train whole next to the adapter (classification)."""
-    from ..targets import _head_names
+    """Names of the task head's modules, trained whole next to the adapter (classification): the task model's
+    own top-level modules (classifier, pre_classifier, pooler, …), else the leaf names of known heads."""
+    from ..targets import _head_names, task_heads
 
-    return sorted({n.split(".")[-1] for n in _head_names(model) if n})
+    return task_heads(model) or sorted({n.split(".")[-1] for n in _head_names(model) if n})
 
 
 def held_out_metrics(model, tok, ds: Dataset, cfg: RunConfig) -> dict:
@@ -194,7 +195,7 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from ..adapt import adapt_
     from ..calib.calibrate import calibrate
     from ..methods import config_options, grads_for, keep_for
-    from ..models import load_model
+    from ..models import fit_seq_len, load_model, usable_length
     from ..plan.plan import plan
     from ..train.loop import default_lr, train
 
@@ -218,6 +219,8 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
         torch.manual_seed(cfg.train.seed)
         model, tok = load_model(cfg.model, task=cfg.task, labels=labels)
         model.to(device)
+        cfg.data.seq_len = fit_seq_len(model, cfg.data.seq_len, log)
+        cfg.eval.window = min(cfg.eval.window, usable_length(model) or cfg.eval.window)
         train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
         log(f"data: {_count(train_ds, 'train')}, {_count(eval_ds, 'eval')}; "
             f"{train_ds.truncated + eval_ds.truncated} truncated to {cfg.data.seq_len} tokens, "
