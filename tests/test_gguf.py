@@ -230,6 +230,23 @@ def test_llamacpp_matches_quantized_model(tmp_path, hidden, tied):
     assert llamacpp_perplexity(path, ids, n_ctx=64)["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=0.02)
 
 
+def test_mistral_through_llamacpp(tmp_path):
+    """Mistral is written as llama.cpp's llama architecture: its perplexity there matches ours."""
+    pytest.importorskip("llama_cpp")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                        sliding_window=None, initializer_range=0.1)
+    model = quantize(MistralForCausalLM(cfg).eval(), {n: g for n, (g, _) in GRIDS.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = write_gguf(model, tmp_path / "m.gguf")
+    ids = token_ids()
+    assert llamacpp_perplexity(path, ids, n_ctx=64)["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=0.02)
+
+
 @pytest.mark.slow
 def test_smollm2_rtn_q4_0_through_llamacpp(tmp_path):
     """SmolLM2-135M, RTN 4-bit group 32 (→ Q4_0) on every linear but the tied head: same perplexity."""

@@ -116,8 +116,13 @@ def convert_gguf(path: Path) -> Path:
 
 
 def _infer_task(config) -> str:
+    """causal-lm when the saved architecture is one of transformers' causal-LM classes (GPT2LMHeadModel
+    included), else encoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in archs) or getattr(config, "is_decoder", False):
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(a.endswith("ForCausalLM") or a in causal for a in archs) or getattr(config, "is_decoder", False):
         return "causal-lm"
     return "encoder"
 

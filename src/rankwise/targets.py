@@ -91,6 +91,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
     linears = linear_modules(model)
     spec = parse_targets(targets)
     if spec == "all-linear":
+        warn_fused_experts(model)
         heads = _head_names(model)
         found = [n for n in linears if not _in_head(n, heads)]
     elif isinstance(spec, re.Pattern):
@@ -110,11 +111,44 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
             if not hits:  # a typo must not leave its layers silently out
                 raise TargetError(f"no linear layer matches target {key!r}; {closest(key, list(linears))}")
     if not found:
+        _refuse_conv1d(model)
         raise TargetError(
             f"no linear layer matches targets={targets!r}. Linear layers in this model: "
             f"{_summarize(list(linears))}. Use 'all-linear', names such as 'q_proj,v_proj', or 're:<regex>'."
         )
     return found
+
+
+def _refuse_conv1d(model: nn.Module) -> None:
+    """TargetError for a model whose projections are transformers' Conv1D (GPT-2 and its kin: weight stored
+    [in, out]), which rankwise does not adapt, quantize or compress."""
+    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise TargetError(f"{kind}: its projections ({conv[0]} and {len(conv) - 1} more) are transformers' Conv1D "
+                          "layers, which rankwise does not handle yet; models built on nn.Linear (Llama, Qwen, "
+                          "Mistral, Gemma, Phi-3, OPT, BERT-likes, …) work")
+
+
+def fused_experts(model: nn.Module) -> dict[str, int]:
+    """{name: numel} of the 3-D parameters of fused MoE experts (transformers 5's Mixtral, Qwen3-MoE, …):
+    weights no linear-layer target covers."""
+    return {n: p.numel() for n, p in model.named_parameters() if p.ndim == 3}
+
+
+def warn_fused_experts(model: nn.Module) -> None:
+    """Say once per model that its fused experts are left as they are (float, no adapter)."""
+    experts = fused_experts(model)
+    if not experts or getattr(model, "_rankwise_experts_warned", False):
+        return
+    import warnings
+
+    share = sum(experts.values()) / max(sum(p.numel() for p in model.parameters()), 1)
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    warnings.warn(f"{kind}: {share:.0%} of the weights are fused MoE expert parameters ({next(iter(experts))}, "
+                  f"{len(experts)} tensors) that rankwise does not yet quantize, compress or adapt: they stay as "
+                  "they are; only the linear layers (attention, router excepted) are processed", stacklevel=3)
+    object.__setattr__(model, "_rankwise_experts_warned", True)
 
 
 def closest(key: str, names: Sequence[str]) -> str:

@@ -125,6 +125,10 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     with dist.together("loading the model and the data"):
         model, tok = load_model_on(job.model, device)
         job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
+        if job.format == "compressed-tensors":
+            from ..export.compressed_tensors import check_model_type
+
+            check_model_type(model)
         if job.format == "gguf":
             from ..export.gguf import check_writable
 

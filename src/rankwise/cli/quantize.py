@@ -133,6 +133,10 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     with dist.together("loading the model and the data"):
         model, tok = load_model_on(job.model, device)
         job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
+        if job.format == "compressed-tensors":
+            from ..export.compressed_tensors import check_model_type
+
+            check_model_type(model)
         if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
             from ..export.gguf import check_writable
 

@@ -306,7 +306,12 @@ def _compress_base(model, calib, cfg: RunConfig, out: Path, progress: bool, log)
     if cfg.base.method == "none":
         return None
     from ..compress.base import compress_base
+    from ..compress.svd import METHODS as SVD_METHODS
 
+    if cfg.base.method not in SVD_METHODS:  # base/ will be compressed-tensors: refuse now, not after training
+        from ..export.compressed_tensors import check_model_type
+
+        check_model_type(model)
     t = time.perf_counter()
     report, originals = compress_base(model, calib, cfg.base.method, progress=progress, **cfg.base.options())
     from .. import distributed as dist

@@ -55,6 +55,19 @@ def _format(layers: dict[str, QuantLinear]) -> str:
     return "int-quantized"
 
 
+def check_model_type(model: nn.Module) -> None:
+    """QuantError, before any work, for a model whose compressed-tensors checkpoint would not reload: fused MoE
+    experts (transformers 5.23 saves them per expert and then, under a quantization config, fails to fuse
+    them again on load: "issues during automatic conversion of the weights")."""
+    from ..targets import fused_experts
+
+    experts = fused_experts(model)
+    if experts:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise QuantError(f"{kind}: a compressed-tensors checkpoint of a model with fused MoE experts ({next(iter(experts))}) "
+                         "does not reload in transformers 5.23; use --format safetensors (dequantized, reloads)")
+
+
 def _check_exportable(layers: dict[str, QuantLinear]) -> None:
     if not layers:
         raise QuantError("the model holds no quantized layer (rankwise.quantize first, or export the float model as 'safetensors')")
@@ -71,6 +84,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
+    check_model_type(model)
     layers = quantized_layers(model)
     _check_exportable(layers)
     # Exact weights (q − z)·s as nn.Linear, in float32: compressed-tensors gives the scales the weight's

@@ -1,4 +1,4 @@
-"""GGUF export of Llama-architecture models, in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
+"""GGUF export of Llama-architecture models (Llama, Mistral), in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
 
 Tensor types. A QuantLinear whose grid is a ggml block format is written as those blocks from our own
 codes and scales, never re-quantized: symmetric 4-bit group 32 → Q4_0 (d = s, q stored as is),
@@ -38,6 +38,9 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q
 # (bits, symmetric) of a group-32 grid → the ggml block type that holds its codes and scales as they are
 BLOCKS = {(4, True): T.Q4_0, (4, False): T.Q4_1, (8, True): T.Q8_0}
 BLOCK = 32
+# model_types written as llama.cpp's "llama" architecture (its converter does the same for Mistral: the same
+# tensors, the same rotary permutation of q/k)
+GGUF_LLAMA_TYPES = ("llama", "mistral")
 
 
 def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", tokenizer=None,
@@ -78,9 +81,14 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
         raise RankwiseError(f"unknown GGUF qtype {qtype!r}; valid ones: {', '.join(['auto', *QTYPES])}")
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
-    if arch != "llama":
-        raise RankwiseError(f"GGUF export supports Llama-architecture models (model_type 'llama'), not "
-                            f"{arch!r} ({type(model).__name__})")
+    if arch not in GGUF_LLAMA_TYPES:
+        raise RankwiseError(f"GGUF export supports Llama-architecture models (model_type "
+                            f"{' or '.join(map(repr, GGUF_LLAMA_TYPES))}), not {arch!r} ({type(model).__name__})")
+    window = getattr(config, "sliding_window", None)
+    if arch == "mistral" and window is not None and window < config.max_position_embeddings:
+        warnings.warn(f"mistral: llama.cpp's llama architecture attends to the whole context, not a sliding window of "
+                      f"{window} tokens; the file agrees with this model on sequences up to {window} tokens",
+                      stacklevel=3)
     if model.get_output_embeddings() is None:
         raise RankwiseError(f"GGUF export needs a causal LM with its output head (LlamaForCausalLM), "
                             f"not {type(model).__name__}")

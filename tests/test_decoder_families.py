@@ -1,0 +1,116 @@
+"""Decoder families beyond Llama on tiny random models: EVA and PiSSA adapters, GPTQ → compressed-tensors that
+plain `from_pretrained` reloads with rankwise's own logits, SVD-LLM compression merged and reloaded; MoE
+models say that their fused experts are left float and refuse a checkpoint transformers cannot reload;
+Conv1D models (GPT-2) are refused with one clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_batches
+
+import rankwise as rw
+from rankwise.errors import QuantError, TargetError
+
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+DENSE = {
+    "mistral": {}, "qwen2": {}, "qwen3": dict(head_dim=16), "gemma2": dict(head_dim=16),
+    "gemma3_text": dict(head_dim=16), "phi3": {}, "granite": {}, "olmo2": {},
+    "opt": dict(ffn_dim=96, word_embed_proj_dim=64, intermediate_size=None, num_key_value_heads=None),
+}
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)}
+
+
+def tiny(kind: str, extra: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in (BASE | extra).items() if v is not None}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw)).eval()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kind", list(DENSE))
+@pytest.mark.parametrize("method", ["eva", "pissa"])
+def test_adapters_start_at_the_base_model(kind, method):
+    """EVA (B = 0) and PiSSA (W_res + B·A = W) both leave the model's outputs unchanged at step 0."""
+    batches = make_batches(2, 2, 16)
+    model = tiny(kind, DENSE[kind])
+    ref = _logits(model, batches[0])
+    stats = rw.calibrate(model, batches, progress=False) if method == "eva" else None
+    pm = rw.adapt_(model, rw.plan(stats, model, method=method, rank=4))
+    assert len([n for n, _ in pm.named_modules() if n.endswith(".lora_A")]) >= 4
+    # fp32: W_res + B·A re-associates W's sums (~1e-7 relative per entry), EVA is exact
+    assert _rel(_logits(pm, batches[0]), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(DENSE))
+def test_gptq_compressed_tensors_reloads_with_our_logits(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.export.compressed_tensors import export_compressed_tensors
+
+    batches = make_batches(4, 4, 16)
+    model = tiny(kind, DENSE[kind])
+    ref = _logits(model, batches[0])
+    report = rw.quantize(model, batches, "gptq", bits=4, group_size=32, progress=False)
+    assert len(report.layers) == len(rw.find_targets(tiny(kind, DENSE[kind])))
+    ours = _logits(model, batches[0])
+    assert _rel(ours, ref) > 1e-4  # it really is quantized
+    export_compressed_tensors(model, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    loaded.hf_quantizer.compressor.decompress_model(loaded)
+    # the same float32 weights (q − z)·s on both sides: only the order of float32 sums may differ
+    assert _rel(_logits(loaded, batches[0]), ours) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(DENSE))
+def test_svd_llm_merged_reloads(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    batches = make_batches(4, 4, 16)
+    model = tiny(kind, DENSE[kind])
+    rw.compress(model, batches, "svd-llm", ratio=0.8, progress=False)
+    ours = _logits(model, batches[0])
+    rw.export_model(model, tmp_path / "merged", "safetensors")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not any(info.values()), info
+    assert _rel(_logits(loaded, batches[0]), ours) <= 1e-5  # B·A merged in float32
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_moe_experts_are_said_to_stay_float(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.export.compressed_tensors import export_compressed_tensors
+
+    batches = make_batches(4, 4, 16)
+    model = tiny(kind, MOE[kind])
+    with pytest.warns(UserWarning, match="fused MoE expert parameters"):
+        report = rw.quantize(model, batches, "gptq", bits=4, group_size=32, progress=False)
+    assert not any("expert" in n or n.endswith(".gate") for n in report.layers)  # router and experts untouched
+    with pytest.raises(QuantError, match="does not reload"):
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    rw.export_model(model, tmp_path / "dense", "safetensors")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", output_loading_info=True)
+    assert not any(info.values()), info
+    assert _rel(_logits(loaded, batches[0]), _logits(model, batches[0])) <= 1e-5
+
+
+def test_conv1d_models_are_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(TargetError, match="gpt2: .*Conv1D"):
+        rw.find_targets(model)
