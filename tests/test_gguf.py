@@ -230,21 +230,59 @@ def test_llamacpp_matches_quantized_model(tmp_path, hidden, tied):
     assert llamacpp_perplexity(path, ids, n_ctx=64)["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=0.02)
 
 
-def test_mistral_through_llamacpp(tmp_path):
-    """Mistral is written as llama.cpp's llama architecture: its perplexity there matches ours."""
+@pytest.mark.parametrize("kind,extra", [("mistral", dict(sliding_window=None)), ("qwen2", {}),
+                                        ("qwen3", dict(head_dim=16)), ("qwen3", dict(head_dim=32))])
+def test_other_families_through_llamacpp(tmp_path, kind, extra):
+    """Mistral (as llama.cpp's llama), Qwen2 (q/k/v biases, NEOX rope) and Qwen3 (q/k norms, a head_dim other
+    than hidden/heads): llama.cpp's perplexity of the written file within 2 % of ours, as for Llama."""
     pytest.importorskip("llama_cpp")
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                        sliding_window=None, initializer_range=0.1)
-    model = quantize(MistralForCausalLM(cfg).eval(), {n: g for n, (g, _) in GRIDS.items()})
+    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                               initializer_range=0.1, tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random biases: Qwen2's q/k/v biases start at zero, which would test nothing
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model = quantize(model, {n: g for n, (g, _) in GRIDS.items()})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = write_gguf(model, tmp_path / "m.gguf")
     ids = token_ids()
     assert llamacpp_perplexity(path, ids, n_ctx=64)["ppl"] == pytest.approx(torch_perplexity(model, ids)["ppl"], rel=0.02)
+
+
+@pytest.mark.parametrize("kind,extra", [("llama", {}), ("mistral", dict(sliding_window=None)), ("qwen2", {}),
+                                        ("qwen3", dict(head_dim=32))])
+def test_llamacpp_logits_match_position_by_position(tmp_path, kind, extra):
+    """The float model written F16: llama.cpp's logits at every position are ours up to float16 rounding of
+    weights and activations (2⁻¹¹ relative each, through two blocks: well under 1e-2). Block-quantized files
+    add llama.cpp's 8-bit activation rounding (≈1 %), so they are checked by perplexity above. A wrong rotary
+    layout of q/k (permuted or not) puts the logits far off."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rankwise.train.llamacpp import llamacpp_logits
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                               initializer_range=0.1, tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    path = write_gguf(model, tmp_path / "m.gguf", qtype="f16")
+    seq = token_ids()[0].tolist()
+    theirs = torch.from_numpy(llamacpp_logits(path, seq, n_ctx=64))
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([seq])).logits[0].float()
+    assert float((theirs - ours).norm() / ours.norm()) <= 1e-2
+    assert float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()) >= 0.95
 
 
 @pytest.mark.slow

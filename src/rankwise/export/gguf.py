@@ -1,4 +1,4 @@
-"""GGUF export of Llama-architecture models (Llama, Mistral), in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
+"""GGUF export of Llama-architecture models (Llama, Mistral, Qwen2, Qwen3), in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
 
 Tensor types. A QuantLinear whose grid is a ggml block format is written as those blocks from our own
 codes and scales, never re-quantized: symmetric 4-bit group 32 → Q4_0 (d = s, q stored as is),
@@ -38,9 +38,12 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q
 # (bits, symmetric) of a group-32 grid → the ggml block type that holds its codes and scales as they are
 BLOCKS = {(4, True): T.Q4_0, (4, False): T.Q4_1, (8, True): T.Q8_0}
 BLOCK = 32
-# model_types written as llama.cpp's "llama" architecture (its converter does the same for Mistral: the same
-# tensors, the same rotary permutation of q/k)
-GGUF_LLAMA_TYPES = ("llama", "mistral")
+# model_type → (llama.cpp architecture, gguf-py's tensor map, whether q/k rows are permuted for its rope).
+# Mistral is written as "llama", as llama.cpp's converter does (the same tensors and rotary layout); Qwen2
+# and Qwen3 keep HF's rotate-half layout (llama.cpp applies NEOX rope to them): no permutation; Qwen2's
+# q/k/v biases and Qwen3's q/k norms come through the tensor map.
+GGUF_ARCHS = {"llama": ("llama", gguf.MODEL_ARCH.LLAMA, True), "mistral": ("llama", gguf.MODEL_ARCH.LLAMA, True),
+              "qwen2": ("qwen2", gguf.MODEL_ARCH.QWEN2, False), "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3, False)}
 
 
 def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", tokenizer=None,
@@ -59,7 +62,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, GGUF_ARCHS[config.model_type][0])
         _write_hparams(writer, config, _file_type(tensors, plain))
         _write_tokenizer(writer, config, tokenizer, source)
         for name, data, ttype in tensors:
@@ -81,9 +84,9 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
         raise RankwiseError(f"unknown GGUF qtype {qtype!r}; valid ones: {', '.join(['auto', *QTYPES])}")
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
-    if arch not in GGUF_LLAMA_TYPES:
+    if arch not in GGUF_ARCHS:
         raise RankwiseError(f"GGUF export supports Llama-architecture models (model_type "
-                            f"{' or '.join(map(repr, GGUF_LLAMA_TYPES))}), not {arch!r} ({type(model).__name__})")
+                            f"{', '.join(map(repr, GGUF_ARCHS))}), not {arch!r} ({type(model).__name__})")
     window = getattr(config, "sliding_window", None)
     if arch == "mistral" and window is not None and window < config.max_position_embeddings:
         warnings.warn(f"mistral: llama.cpp's llama architecture attends to the whole context, not a sliding window of "
@@ -116,10 +119,11 @@ def _recorded_gguf(model: nn.Module) -> Path | None:
 
 def _tensors(model: nn.Module, config, plain: T):
     """(GGUF name, numpy data, ggml type) for every tensor, in module order; the tied output left out."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    _, arch, permute = GGUF_ARCHS[config.model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == embed.weight.data_ptr()
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
     for name, module in model.named_modules():
         if not _has_state(module):
             continue
@@ -234,7 +238,7 @@ def _file_type(tensors: list, plain: T) -> LlamaFileType:
 
 
 def _write_hparams(w: gguf.GGUFWriter, config, file_type: LlamaFileType) -> None:
-    """The llama.* hyperparameters llama.cpp (and transformers' GGUF loader) read."""
+    """The <arch>.* hyperparameters llama.cpp (and transformers' GGUF loader) read."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}

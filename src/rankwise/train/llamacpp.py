@@ -72,19 +72,35 @@ def _without_extra_buffers(llama_cpp):
         low.llama_model_default_params = original
 
 
-def llamacpp_perplexity(gguf_path: str | os.PathLike, token_ids, n_ctx: int, n_threads: int = 2,
-                        extra_buffers: bool = False) -> dict:
-    """{"ppl", "tokens", "nll" (mean, nats)} of a GGUF model on token ids (each sequence ≤ n_ctx ids)."""
+def _load(gguf_path, longest: int, n_ctx: int, n_threads: int, extra_buffers: bool):
+    """llama_cpp.Llama on the file, every position's logits kept; RankwiseError for a missing file or a
+    sequence longer than n_ctx."""
     llama_cpp = _import_llama_cpp()
-    seqs = _sequences(token_ids)
-    longest = max(map(len, seqs))
     if longest > n_ctx:
         raise RankwiseError(f"a sequence has {longest} tokens, more than n_ctx={n_ctx}; raise n_ctx or cut it")
     if not os.path.isfile(gguf_path):
         raise RankwiseError(f"GGUF file {gguf_path} does not exist")
     with nullcontext() if extra_buffers else _without_extra_buffers(llama_cpp):
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                              verbose=False, n_threads=n_threads)
+        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                               verbose=False, n_threads=n_threads)
+
+
+def llamacpp_logits(gguf_path: str | os.PathLike, ids: list[int], n_ctx: int, n_threads: int = 2,
+                    extra_buffers: bool = False) -> np.ndarray:
+    """[len(ids), vocab] float32: the logits llama.cpp computes at every position of one sequence."""
+    llm = _load(gguf_path, len(ids), n_ctx, n_threads, extra_buffers)
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llamacpp_perplexity(gguf_path: str | os.PathLike, token_ids, n_ctx: int, n_threads: int = 2,
+                        extra_buffers: bool = False) -> dict:
+    """{"ppl", "tokens", "nll" (mean, nats)} of a GGUF model on token ids (each sequence ≤ n_ctx ids)."""
+    seqs = _sequences(token_ids)
+    llm = _load(gguf_path, max(map(len, seqs)), n_ctx, n_threads, extra_buffers)
     nll, tokens = 0.0, 0
     try:
         for ids in seqs:
