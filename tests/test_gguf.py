@@ -44,6 +44,23 @@ def make_llama(hidden=64, tied=True, seed=0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_family(kind: str, extra: dict):
+    """A tiny random decoder of a family llama.cpp runs, untied, with random biases (Qwen2's q/k/v biases start
+    at zero, which would test nothing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                               initializer_range=0.1, tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
 def quantize(model, grids: dict[str, Grid]):
     """Replace the named linears by RTN QuantLinears of their own weights (in place)."""
     for name, grid in grids.items():
@@ -236,18 +253,7 @@ def test_other_families_through_llamacpp(tmp_path, kind, extra):
     """Mistral (as llama.cpp's llama), Qwen2 (q/k/v biases, NEOX rope) and Qwen3 (q/k norms, a head_dim other
     than hidden/heads): llama.cpp's perplexity of the written file within 2 % of ours, as for Llama."""
     pytest.importorskip("llama_cpp")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                               initializer_range=0.1, tie_word_embeddings=False, **extra)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # random biases: Qwen2's q/k/v biases start at zero, which would test nothing
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.normal_(0, 0.1)
-    model = quantize(model, {n: g for n, (g, _) in GRIDS.items()})
+    model = quantize(make_family(kind, extra), {n: g for n, (g, _) in GRIDS.items()})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = write_gguf(model, tmp_path / "m.gguf")
@@ -263,19 +269,9 @@ def test_llamacpp_logits_match_position_by_position(tmp_path, kind, extra):
     add llama.cpp's 8-bit activation rounding (≈1 %), so they are checked by perplexity above. A wrong rotary
     layout of q/k (permuted or not) puts the logits far off."""
     pytest.importorskip("llama_cpp")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from rankwise.train.llamacpp import llamacpp_logits
 
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                               initializer_range=0.1, tie_word_embeddings=False, **extra)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.normal_(0, 0.1)
+    model = make_family(kind, extra)
     path = write_gguf(model, tmp_path / "m.gguf", qtype="f16")
     seq = token_ids()[0].tolist()
     theirs = torch.from_numpy(llamacpp_logits(path, seq, n_ctx=64))
