@@ -3,7 +3,8 @@
 tqdm redraws its bar with carriage returns, which a log file keeps: `make demo > log` once held a 12.7 KB
 line for the training bar alone. `progress(...)` takes tqdm's arguments and returns tqdm when stderr is
 a terminal; otherwise a `LineProgress` that writes one line per stage where the caller names stages
-(set_description: "calibrate block 3/30"), else about ten over the whole count, each with the count, the postfix (loss, tokens/s, …) and the elapsed time.
+(set_description: "calibrate block 3/30"), else about ten over the whole count, each with the count,
+the postfix (loss, tokens/s, …) and the elapsed time.
 """
 
 from __future__ import annotations
