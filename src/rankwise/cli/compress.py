@@ -107,8 +107,7 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     from .. import distributed as dist
     from ..compress import SVDConfig, PlanConfig
     from ..data.sources import check_source, load_data
-    from ..models import fit_seq_len
-    from .jobs import load_model_on
+    from .jobs import load_for_export
 
     verb, opts = _options(job)
     # bad options fail before the model loads
@@ -123,16 +122,7 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     progress, log = (progress, log) if main else (False, lambda *a, **k: None)
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
-        model, tok = load_model_on(job.model, device)
-        job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
-        if job.format == "compressed-tensors":
-            from ..export.compressed_tensors import check_model_type
-
-            check_model_type(model)
-        if job.format == "gguf":
-            from ..export.gguf import check_writable
-
-            check_writable(model)
+        model, tok, job = load_for_export(job, device, log)
         batches = dist.shard(load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
                             fields=job.fields),
                              "calibration batches (--n-samples / --batch-size)")

@@ -99,3 +99,21 @@ def load_model_on(name: str, device: str):
 
     model, tok = load_model(name)
     return model.to(device), tok
+
+
+def load_for_export(job, device: str, log):
+    """(model, tokenizer, job) for quantize/compress: the model on `device`, job.seq_len fitted to its
+    position table, and a format that could not hold this model refused now, before any work."""
+    from ..models import fit_seq_len
+
+    model, tok = load_model_on(job.model, device)
+    job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
+    if job.format == "compressed-tensors":
+        from ..export.compressed_tensors import check_model_type
+
+        check_model_type(model)
+    if job.format == "gguf":
+        from ..export.gguf import check_writable
+
+        check_writable(model)
+    return model, tok, job

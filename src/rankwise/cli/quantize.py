@@ -109,8 +109,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     from .. import distributed as dist
     from ..data.sources import check_source, load_data
     from ..quant import get_quantizer, quantize
-    from ..models import fit_seq_len
-    from .jobs import load_model_on
+    from .jobs import load_for_export
 
     quantizer = get_quantizer(job.method)  # unknown method / bad options fail before the model loads
     options = dict(bits=job.bits, group_size=job.group_size, symmetric=job.symmetric, targets=job.targets) | job.options
@@ -131,16 +130,7 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     progress = progress and main
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
-        model, tok = load_model_on(job.model, device)
-        job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
-        if job.format == "compressed-tensors":
-            from ..export.compressed_tensors import check_model_type
-
-            check_model_type(model)
-        if job.format == "gguf":  # find out now, not after quantizing, that the file cannot be written
-            from ..export.gguf import check_writable
-
-            check_writable(model)
+        model, tok, job = load_for_export(job, device, log)
         batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
                             fields=job.fields) \
             if quantizer.observe else None

@@ -143,17 +143,10 @@ def encoder_batches(texts: list[str], tokenizer, seq_len: int, max_tokens: int, 
         total += len(ids)
     if not encoded:
         raise DataError("the held-out text gave no documents to embed")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i: i + batch_size]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, c in enumerate(chunk):
-            ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c), 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
+    from ..data.sources import batchify
+
+    return [{k: b[k] for k in ("input_ids", "attention_mask")}
+            for b in batchify([(ids, ids) for ids in encoded], tokenizer, batch_size)]
 
 
 @torch.no_grad()
