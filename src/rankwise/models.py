@@ -209,19 +209,16 @@ def _check_missing(path: Path, model: nn.Module, missing: list[str], fresh_head:
             "--task seq-cls, or for quantize/compress as it is; otherwise the folder is incomplete")
 
 
-# Families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
-# their usable length is max_position_embeddings − (pad_token_id + 1).
-_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-                            "data2vec-text", "longformer", "ibert", "mpnet", "esm"}
-
-
 def usable_length(model: nn.Module) -> int | None:
     """The most tokens one sequence may hold (learned position tables are finite), or None if unbounded."""
     cfg = getattr(model, "config", None)
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if not isinstance(n, int):
         return None
-    if getattr(cfg, "model_type", "") in _POSITIONS_AFTER_PADDING:
+    from .arch import arch_of
+
+    family = arch_of(cfg)
+    if family is not None and family.positions_after_padding:  # RoBERTa: position ids start after the padding index
         n -= (getattr(cfg, "pad_token_id", None) or 0) + 1
     return n
 

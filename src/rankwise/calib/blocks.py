@@ -45,9 +45,16 @@ def _shaped_like(out, h: Tensor):
 
 
 def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList] | None:
-    """The nn.ModuleList holding the most target modules, as (qualified name, list), or None."""
+    """The family's block list (arch table), else the nn.ModuleList holding the most target modules, as
+    (qualified name, list), or None."""
+    from ..arch import arch_of
+
+    family = arch_of(model)
     best, best_count = None, 0
     for prefix, module in model.named_modules():
+        if family is not None and (prefix == family.blocks or prefix.endswith("." + family.blocks)) \
+                and isinstance(module, nn.ModuleList) and any(n.startswith(prefix + ".") for n in names):
+            return prefix, module
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             count = sum(n.startswith(prefix + ".") for n in names)
             if count > best_count:

@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType, TokenType
 from torch import nn
 
+from ..arch import arch_of, gguf_families
 from ..errors import QuantError, RankwiseError
 from ..quant.linear import QuantLinear
 
@@ -38,12 +39,7 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q
 # (bits, symmetric) of a group-32 grid → the ggml block type that holds its codes and scales as they are
 BLOCKS = {(4, True): T.Q4_0, (4, False): T.Q4_1, (8, True): T.Q8_0}
 BLOCK = 32
-# model_type → (llama.cpp architecture, gguf-py's tensor map, whether q/k rows are permuted for its rope).
-# Mistral is written as "llama", as llama.cpp's converter does (the same tensors and rotary layout); Qwen2
-# and Qwen3 keep HF's rotate-half layout (llama.cpp applies NEOX rope to them): no permutation; Qwen2's
-# q/k/v biases and Qwen3's q/k norms come through the tensor map.
-GGUF_ARCHS = {"llama": ("llama", gguf.MODEL_ARCH.LLAMA, True), "mistral": ("llama", gguf.MODEL_ARCH.LLAMA, True),
-              "qwen2": ("qwen2", gguf.MODEL_ARCH.QWEN2, False), "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3, False)}
+
 
 
 def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", tokenizer=None,
@@ -62,7 +58,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(tmp, GGUF_ARCHS[config.model_type][0])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[_spec(config).arch]])
         _write_hparams(writer, config, _file_type(tensors, plain))
         _write_tokenizer(writer, config, tokenizer, source)
         for name, data, ttype in tensors:
@@ -84,9 +80,9 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
         raise RankwiseError(f"unknown GGUF qtype {qtype!r}; valid ones: {', '.join(['auto', *QTYPES])}")
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
-    if arch not in GGUF_ARCHS:
-        raise RankwiseError(f"GGUF export supports Llama-architecture models (model_type "
-                            f"{', '.join(map(repr, GGUF_ARCHS))}), not {arch!r} ({type(model).__name__})")
+    if arch_of(config) is None or arch_of(config).gguf is None:
+        raise RankwiseError(f"GGUF export writes the families llama.cpp runs that rankwise's architecture table "
+                            f"describes (model_type {', '.join(gguf_families())}), not {arch!r} ({type(model).__name__})")
     window = getattr(config, "sliding_window", None)
     if arch == "mistral" and window is not None and window < config.max_position_embeddings:
         warnings.warn(f"mistral: llama.cpp's llama architecture attends to the whole context, not a sliding window of "
@@ -107,6 +103,11 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
     return config
 
 
+def _spec(config):
+    """The family's GGUF entry (arch/families.py)."""
+    return arch_of(config).gguf
+
+
 def _recorded_gguf(model: nn.Module) -> Path | None:
     """The GGUF file load_model read this model from (its `rankwise_source`), if any."""
     from ..models import EMBEDDED, embedded_path
@@ -119,8 +120,9 @@ def _recorded_gguf(model: nn.Module) -> Path | None:
 
 def _tensors(model: nn.Module, config, plain: T):
     """(GGUF name, numpy data, ggml type) for every tensor, in module order; the tied output left out."""
-    _, arch, permute = GGUF_ARCHS[config.model_type]
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    spec = _spec(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch], config.num_hidden_layers)
+    permute = spec.permute_qk
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == embed.weight.data_ptr()
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
