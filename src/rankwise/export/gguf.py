@@ -17,7 +17,6 @@ tokenizer; else `tokenizer.ggml.model = "none"`, which llama.cpp loads (no text 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -26,19 +25,18 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import LlamaFileType, TokenType
+from gguf import LlamaFileType
 from torch import nn
 
 from ..arch import arch_of, gguf_families
 from ..errors import QuantError, RankwiseError
 from ..quant.linear import QuantLinear
+from .gguf_blocks import BLOCK, block_type, pack_blocks
+from .gguf_tokenizer import write_tokenizer
 
 QTYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
 FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
               T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}
-# (bits, symmetric) of a group-32 grid → the ggml block type that holds its codes and scales as they are
-BLOCKS = {(4, True): T.Q4_0, (4, False): T.Q4_1, (8, True): T.Q8_0}
-BLOCK = 32
 
 
 
@@ -60,7 +58,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[_spec(config).arch]])
         _write_hparams(writer, config, _file_type(tensors, plain))
-        _write_tokenizer(writer, config, tokenizer, source)
+        write_tokenizer(writer, config, tokenizer, source)
         for name, data, ttype in tensors:
             writer.add_tensor(name, data, raw_dtype=ttype)
         writer.write_header_to_file()
@@ -183,51 +181,13 @@ def _float_tensor(w: torch.Tensor, ttype: T, name: str) -> tuple[np.ndarray, T]:
 
 def _quant_weight(layer: QuantLinear, name: str, heads: int | None, plain: T) -> tuple[np.ndarray, T]:
     """A QuantLinear's weight: its own codes and scales as ggml blocks, or re-quantized (with a warning)."""
-    btype, why = _block_type(layer)
+    btype, why = block_type(layer)
     if btype is None:
         warnings.warn(f"{name}: {why}, so it is dequantized and re-quantized to {plain.name} (not bit-exact)",
                       stacklevel=4)
         return _float_tensor(_permute(layer.weight, heads), plain, name)
     codes, scale, zero = (_permute(t, heads) for t in (layer.codes, layer.scale, layer.zero))
-    return _blocks(codes, scale, zero, btype), btype
-
-
-def _block_type(layer: QuantLinear) -> tuple[T | None, str]:
-    """The ggml block type that holds this layer's grid exactly, or (None, why not)."""
-    g = layer.grid
-    btype = BLOCKS.get((g.bits, g.symmetric)) if g.group_size == BLOCK else None
-    if btype is None:
-        return None, f"its grid ({g.bits} bits, group {g.group_size}, symmetric={g.symmetric}) is no GGUF block type"
-    if layer.input_scale is not None:
-        return None, "it has a per-channel input_scale that GGUF blocks cannot hold"
-    s, z = layer.scale.float(), layer.zero.float()
-    if not torch.equal(s.half().float(), s):
-        return None, "its scales are not float16-exact"
-    if g.symmetric and not bool((z == 2 ** (g.bits - 1)).all()):
-        return None, "its zero points are not the symmetric 2^(b-1)"
-    if not g.symmetric and not torch.equal((s * z).half().float(), s * z):
-        return None, "its offsets s·z are not float16-exact"
-    return btype, ""
-
-
-def _blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, btype: T) -> np.ndarray:
-    """Raw ggml blocks [rows, blocks·bytes] uint8 from codes [rows, in], s, z [rows, in/32] (ggml-common.h).
-
-    Q4_0: fp16 d, 16 bytes of nibbles (byte j: element j low, j + 16 high). Q4_1: fp16 d, fp16 m, nibbles.
-    Q8_0: fp16 d, 32 int8 values.
-    """
-    rows, n_in = codes.shape
-    c = codes.cpu().numpy().reshape(rows, n_in // BLOCK, BLOCK)
-    s = scale.float().cpu().numpy()
-    parts = [s.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)]
-    if btype == T.Q8_0:
-        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
-    else:
-        if btype == T.Q4_1:
-            m = -(s * zero.float().cpu().numpy())
-            parts.append(m.astype(np.float16).view(np.uint8).reshape(rows, -1, 2))
-        parts.append(c[..., : BLOCK // 2] | (c[..., BLOCK // 2:] << 4))
-    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))
+    return pack_blocks(codes, scale, zero, btype), btype
 
 
 def _file_type(tensors: list, plain: T) -> LlamaFileType:
@@ -260,70 +220,3 @@ def _write_hparams(w: gguf.GGUFWriter, config, file_type: LlamaFileType) -> None
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _write_tokenizer(w: gguf.GGUFWriter, config, tokenizer, source: Path | None) -> None:
-    """tokenizer.* keys: copied from a GGUF, built from a transformers tokenizer, or model "none"."""
-    if source is not None:
-        _copy_tokenizer(w, Path(source), config.vocab_size)
-    elif tokenizer is not None:
-        _bpe_tokenizer(w, tokenizer, config.vocab_size)
-    else:
-        w.add_tokenizer_model("none")
-
-
-def _copy_tokenizer(w: gguf.GGUFWriter, source: Path, n_vocab: int) -> None:
-    """Every tokenizer.* key of the GGUF file `source`, with its value types (strings as raw bytes)."""
-    fields = {k: f for k, f in gguf.GGUFReader(str(source)).fields.items() if k.startswith("tokenizer.")}
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) != n_vocab:
-        raise RankwiseError(f"{source} has {len(tokens.data)} tokens but the model's vocab_size is {n_vocab}; "
-                            f"give the GGUF this model came from as source_gguf")
-    for key, f in fields.items():
-        kind, sub = f.types[0], (f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-        if sub == gguf.GGUFValueType.STRING:
-            value = [bytes(f.parts[i]) for i in f.data]
-        elif kind == gguf.GGUFValueType.STRING:
-            value = bytes(f.parts[f.data[0]])
-        else:
-            value = f.contents()
-        w.add_key_value(key, value, kind, sub_type=sub)
-
-
-def _bpe_tokenizer(w: gguf.GGUFWriter, tok, n_vocab: int) -> None:
-    """A GPT-2-style (byte-level BPE) vocab from a transformers fast tokenizer: tokens, types, merges, ids."""
-    full = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
-    spec = full.get("model") or {}
-    if spec.get("type") != "BPE" or spec.get("byte_fallback"):
-        raise RankwiseError(f"{type(tok).__name__} is not a byte-level BPE tokenizer (tokenizer.json model "
-                            f"{spec.get('type')!r}); pass source_gguf= a GGUF file that has this tokenizer")
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise RankwiseError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {n_vocab}")
-    tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [TokenType.UNUSED] * n_vocab
-    for text, i in vocab.items():
-        tokens[i], types[i] = text, TokenType.NORMAL
-    for i, added in tok.added_tokens_decoder.items():
-        types[i] = TokenType.CONTROL if added.special else TokenType.USER_DEFINED
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(full.get("pre_tokenizer") or {}))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
-    for kind in ("bos", "eos", "unk", "pad"):
-        if (i := getattr(tok, f"{kind}_token_id", None)) is not None:
-            getattr(w, f"add_{kind}_token_id")(i)
-    bos = tok.bos_token_id
-    w.add_add_bos_token(bos is not None and tok.encode("a")[:1] == [bos])
-    if isinstance(getattr(tok, "chat_template", None), str):
-        w.add_chat_template(tok.chat_template)
-
-
-def _pre_tokenizer(pre: dict) -> str:
-    """tokenizer.ggml.pre: "gpt-2" for GPT-2's byte-level regex; else "default", with a warning."""
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt-2"
-    warnings.warn(f"llama.cpp has no name for this pre-tokenizer ({pre.get('type')}); the GGUF says 'default', so "
-                  f"llama.cpp may split text differently (token ids you give it are unaffected). Pass source_gguf= "
-                  f"a GGUF with this tokenizer to copy its exact metadata", stacklevel=4)
-    return "default"
