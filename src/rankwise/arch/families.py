@@ -28,6 +28,20 @@ def _gemma_scale(config) -> str | None:
     return None
 
 
+def _gemma2(config) -> str | None:
+    if not getattr(config, "tie_word_embeddings", True):
+        return "llama.cpp's gemma2 reads its output head from the token embedding; this model's lm_head is untied"
+    return _gemma_scale(config)
+
+
+def _qwen3moe(config) -> str | None:
+    if not getattr(config, "norm_topk_prob", True):
+        return "llama.cpp's qwen3moe renormalizes the top-k router weights; this config has norm_topk_prob false"
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return "llama.cpp's qwen3moe has experts in every block; this config has dense MLP blocks (mlp_only_layers, decoder_sparse_step)"
+    return None
+
+
 FAMILIES: tuple[Arch, ...] = (
     Arch("llama", ("llama",), "layers", _PRE_NORM, gguf=Gguf("LLAMA", permute_qk=True)),
     Arch("mistral", ("mistral",), "layers", _PRE_NORM, gguf=Gguf("LLAMA", permute_qk=True)),
@@ -38,22 +52,27 @@ FAMILIES: tuple[Arch, ...] = (
                    hparams=(("add_attention_scale", "attention_multiplier"), ("add_embedding_scale", "embedding_multiplier"),
                             ("add_residual_scale", "residual_multiplier"), ("add_logit_scale", "logits_scaling")))),
     Arch("gemma2", ("gemma2",), "layers", _GEMMA, norm_offset=1.0,
-         gguf=Gguf("GEMMA2", hparams=(("add_attn_logit_softcapping", "attn_logit_softcapping"),
-                                      ("add_final_logit_softcapping", "final_logit_softcapping"),
-                                      ("add_sliding_window", "sliding_window")), refuse=_gemma_scale)),
+         # llama.cpp caps Gemma 2's logits at 50 / 30 unless told otherwise: no cap (None) is written as 1e6, under
+         # which tanh(x/c)·c = x to 1e-11 relative for the |x| < 100 of real logits.
+         gguf=Gguf("GEMMA2", act="gelu_pytorch_tanh",
+                   hparams=(("add_attn_logit_softcapping", "attn_logit_softcapping", 1e6),
+                            ("add_final_logit_softcapping", "final_logit_softcapping", 1e6),
+                            ("add_sliding_window", "sliding_window")), refuse=_gemma2)),
     Arch("gemma3", ("gemma3_text",), "layers", _GEMMA, norm_offset=1.0,
-         gguf=Gguf("GEMMA3", hparams=(("add_sliding_window", "sliding_window"),), refuse=_gemma_scale)),
+         gguf=Gguf("GEMMA3", act="gelu_pytorch_tanh", refuse=_gemma_scale,
+                   hparams=(("add_sliding_window", "sliding_window"),
+                            ("add_final_logit_softcapping", "final_logit_softcapping")))),
     Arch("phi3", ("phi3",), "layers",
          (Fold("input_layernorm", ("self_attn.qkv_proj",)), Fold("post_attention_layernorm", ("mlp.gate_up_proj",)),
           Fold("self_attn.qkv_proj", ("self_attn.o_proj",), "rows", parts=3),
           Fold("mlp.gate_up_proj", ("mlp.down_proj",), "rows", parts=2)),
-         gguf=Gguf("PHI3")),
+         gguf=Gguf("PHI3", hparams=(("add_rope_scaling_orig_ctx_len", "original_max_position_embeddings"),))),
     # OLMo 2 normalizes the outputs of attention and MLP, not their inputs: only the linear-to-linear folds.
-    Arch("olmo2", ("olmo2",), "layers", (_V_O, _UP_DOWN), gguf=Gguf("OLMO2")),
+    Arch("olmo2", ("olmo2",), "layers", (_V_O, _UP_DOWN), gguf=Gguf("OLMO2", ties=False)),
     Arch("mixtral", ("mixtral",), "layers", (Fold("input_layernorm", _QKV), _V_O),
          experts="mlp.experts", router="mlp.gate", gguf=Gguf("LLAMA", permute_qk=True)),
     Arch("qwen3_moe", ("qwen3_moe",), "layers", (Fold("input_layernorm", _QKV), _V_O),
-         experts="mlp.experts", router="mlp.gate", gguf=Gguf("QWEN3MOE")),
+         experts="mlp.experts", router="mlp.gate", gguf=Gguf("QWEN3MOE", refuse=_qwen3moe)),
     Arch("opt", ("opt",), "layers",
          (Fold("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                when=lambda c: getattr(c, "do_layer_norm_before", True)),

@@ -36,13 +36,17 @@ class Gguf:
 
     permute_qk: q/k rows go from HF's rotate-half layout to llama.cpp's adjacent pairs (its NORM rope: Llama,
     Mistral, Mixtral, Granite); families llama.cpp runs with NEOX rope keep HF's layout. hparams: (GGUFWriter
-    method, config field) written when the field is set. refuse(config): why llama.cpp would compute
+    method, config field[, value when the field is None]) written when there is a value. ties: llama.cpp reads
+    the token embedding as the head when output.weight is absent (OLMo 2 requires the tensor). act: the MLP activation llama.cpp computes (HF's
+    name). refuse(config): why llama.cpp would compute
     something else for this config, or None.
     """
 
     arch: str
     permute_qk: bool = False
-    hparams: tuple[tuple[str, str], ...] = ()
+    act: str = "silu"
+    hparams: tuple[tuple, ...] = ()
+    ties: bool = True
     refuse: Callable[[object], str | None] | None = None
 
 

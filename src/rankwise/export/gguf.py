@@ -1,4 +1,4 @@
-"""GGUF export of Llama-architecture models (Llama, Mistral, Qwen2, Qwen3), in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
+"""GGUF export of the decoder families llama.cpp runs (arch/families.py: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, Granite, OLMo 2, Mixtral, Qwen3-MoE), in llama.cpp's tensor layout; QuantLinear codes kept bit for bit.
 
 Tensor types. A QuantLinear whose grid is a ggml block format is written as those blocks from our own
 codes and scales, never re-quantized: symmetric 4-bit group 32 → Q4_0 (d = s, q stored as is),
@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 from torch import nn
 
-from ..arch import arch_of, gguf_families
+from ..arch import arch_of, block_of, gguf_families
 from ..errors import QuantError, RankwiseError
 from ..quant.linear import QuantLinear
 from .gguf_blocks import BLOCK, block_type, pack_blocks
@@ -56,7 +56,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "auto", t
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[_spec(config).arch]])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_of(config).gguf.arch]])
         _write_hparams(writer, config, _file_type(tensors, plain))
         write_tokenizer(writer, config, tokenizer, source)
         for name, data, ttype in tensors:
@@ -79,31 +79,33 @@ def check_writable(model: nn.Module, qtype: str = "auto"):
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
     if arch_of(config) is None or arch_of(config).gguf is None:
-        raise RankwiseError(f"GGUF export writes the families llama.cpp runs that rankwise's architecture table "
-                            f"describes (model_type {', '.join(gguf_families())}), not {arch!r} ({type(model).__name__})")
+        raise RankwiseError(f"GGUF export cannot write model_type {arch!r} ({type(model).__name__}); it writes the "
+                            f"families llama.cpp runs: {', '.join(gguf_families())}")
     window = getattr(config, "sliding_window", None)
-    if arch == "mistral" and window is not None and window < config.max_position_embeddings:
-        warnings.warn(f"mistral: llama.cpp's llama architecture attends to the whole context, not a sliding window of "
-                      f"{window} tokens; the file agrees with this model on sequences up to {window} tokens",
-                      stacklevel=3)
+    windowed = any(field == "sliding_window" for _, field, *_ in arch_of(config).gguf.hparams)
+    if window is not None and not windowed and window < config.max_position_embeddings:
+        warnings.warn(f"{arch}: llama.cpp's {arch_of(config).gguf.arch.lower()} architecture attends to the whole "
+                      f"context, not a sliding window of {window} tokens; the file agrees with this model on sequences "
+                      f"up to {window} tokens", stacklevel=3)
     if model.get_output_embeddings() is None:
         raise RankwiseError(f"GGUF export needs a causal LM with its output head (LlamaForCausalLM), "
                             f"not {type(model).__name__}")
-    if config.hidden_act != "silu":
-        raise RankwiseError(f"llama.cpp's llama architecture computes SiLU MLPs; this config has hidden_act {config.hidden_act!r}")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise RankwiseError(f"GGUF export handles plain RoPE only; this config has rope_type {rope['rope_type']!r}")
+    spec = arch_of(config).gguf
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    if act != spec.act:
+        raise RankwiseError(f"llama.cpp's {spec.arch.lower()} architecture computes {spec.act} MLPs; this config has "
+                            f"activation {act!r}")
+    why = spec.refuse(config) if spec.refuse is not None else None
+    if why:
+        raise RankwiseError(f"{arch}: {why}, so a GGUF file would not compute what this model does")
+    for rope in _ropes(config).values():
+        if rope.get("rope_type", "default") != "default":
+            raise RankwiseError(f"GGUF export handles plain RoPE only; this config has rope_type {rope['rope_type']!r}")
     compensated = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_a is not None]
     if compensated:  # the blocks hold the grid only: the correction would be dropped without a word
         raise QuantError(f"{compensated[0]} carries a low-rank compensation, which GGUF has no place for; export "
                          "compressed-tensors (the compensation becomes a peft adapter beside it) or safetensors (merged)")
     return config
-
-
-def _spec(config):
-    """The family's GGUF entry (arch/families.py)."""
-    return arch_of(config).gguf
 
 
 def _recorded_gguf(model: nn.Module) -> Path | None:
@@ -118,22 +120,40 @@ def _recorded_gguf(model: nn.Module) -> Path | None:
 
 def _tensors(model: nn.Module, config, plain: T):
     """(GGUF name, numpy data, ggml type) for every tensor, in module order; the tied output left out."""
-    spec = _spec(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch], config.num_hidden_layers)
-    permute = spec.permute_qk
+    family = arch_of(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.gguf.arch], config.num_hidden_layers)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == embed.weight.data_ptr()
+    permute = family.gguf.permute_qk
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
     for name, module in model.named_modules():
         if not _has_state(module):
             continue
+        if module is head and tied and family.gguf.ties:
+            continue  # llama.cpp reuses token_embd as the head when output.weight is absent
+        where = block_of(family, name)
+        if family.experts is not None and where is not None and where[1] == family.experts:
+            yield from _expert_tensors(module, name, names, plain)
+            continue
         gname = names.get_name(name)
         if gname is None:
-            raise RankwiseError(f"module {name!r} ({type(module).__name__}) has no place in llama.cpp's llama "
-                                f"layout; merge adapters into the base weights before exporting to GGUF")
-        if gname == "output" and tied:
-            continue  # llama.cpp reuses token_embd as the head when output.weight is absent
-        yield from _module_tensors(module, f"{name} ({gname})", gname, heads.get(gname.rpartition(".")[2]), plain)
+            raise RankwiseError(f"module {name!r} ({type(module).__name__}) has no place in llama.cpp's "
+                                f"{family.gguf.arch.lower()} layout; merge adapters into the base weights before "
+                                "exporting to GGUF")
+        offset = family.norm_offset if gname.endswith("norm") else 0.0
+        router = family.router is not None and where is not None and where[1] == family.router
+        yield from _module_tensors(module, f"{name} ({gname})", gname, heads.get(gname.rpartition(".")[2]),
+                                   T.F32 if router else plain, offset)
+
+
+def _expert_tensors(module: nn.Module, name: str, names, plain: T):
+    """Fused MoE experts (transformers 5: gate_up_proj [E, 2I, H], gate first; down_proj [E, H, I]) as
+    llama.cpp's stacked ffn_gate_exps, ffn_up_exps [E, I, H] and ffn_down_exps [E, H, I]."""
+    gate, up = module.gate_up_proj.chunk(2, dim=1)
+    for part, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", module.down_proj)):
+        gname = names.get_name(f"{name}.{part}")
+        data, ttype = _float_tensor(w, plain, f"{name}.{part} ({gname})")
+        yield f"{gname}.weight", data, ttype
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -143,8 +163,9 @@ def _has_state(module: nn.Module) -> bool:
     return any(b is not None and n not in module._non_persistent_buffers_set for n, b in module._buffers.items())
 
 
-def _module_tensors(module: nn.Module, where: str, gname: str, heads: int | None, plain: T):
-    """The tensors of one module: its weight in the chosen type, its bias F32 (rows permuted for q/k)."""
+def _module_tensors(module: nn.Module, where: str, gname: str, heads: int | None, plain: T, offset: float = 0.0):
+    """The tensors of one module: its weight in the chosen type (a norm's as offset + w), its bias F32 (rows
+    permuted for q/k)."""
     if isinstance(module, QuantLinear):
         data, ttype = _quant_weight(module, where, heads, plain)
     elif isinstance(module, nn.Embedding) or gname == "output":
@@ -153,7 +174,7 @@ def _module_tensors(module: nn.Module, where: str, gname: str, heads: int | None
     elif module.weight.ndim == 2:
         data, ttype = _float_tensor(_permute(module.weight, heads), plain, where)
     else:
-        data, ttype = _float_tensor(module.weight, T.F32, where)
+        data, ttype = _float_tensor(_permute(module.weight.float() + offset, heads), T.F32, where)
     yield f"{gname}.weight", data, ttype
     if getattr(module, "bias", None) is not None:
         yield f"{gname}.bias", _float_tensor(_permute(module.bias, heads), T.F32, where)[0], T.F32
@@ -203,7 +224,7 @@ def _write_hparams(w: gguf.GGUFWriter, config, file_type: LlamaFileType) -> None
     """The <arch>.* hyperparameters llama.cpp (and transformers' GGUF loader) read."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _ropes(config).get("full_attention", {})
     w.add_name(str(getattr(config, "_name_or_path", "") or "rankwise export"))
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -214,9 +235,47 @@ def _write_hparams(w: gguf.GGUFWriter, config, file_type: LlamaFileType) -> None
     if head_dim != config.hidden_size // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
+    _write_family(w, config)
+    _write_experts(w, config)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _ropes(config) -> dict[str, dict]:
+    """{layer type: rope parameters}: Gemma 3's per-type dict as it is, a single one as "full_attention"."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return rope
+    return {"full_attention": rope}
+
+
+def _write_family(w: gguf.GGUFWriter, config) -> None:
+    """The family's own keys (arch/families.py), and where some layers attend locally (Gemma): which ones and
+    their rope base."""
+    spec = arch_of(config).gguf
+    for method, field, *none in spec.hparams:
+        value = getattr(config, field, None)
+        value = none[0] if value is None and none else value
+        if value is not None:
+            getattr(w, method)(value)
+    types = getattr(config, "layer_types", None)
+    if any(field == "sliding_window" for _, field, *_ in spec.hparams) and types:
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    local = _ropes(config).get("sliding_attention")
+    if local is not None:
+        w.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+def _write_experts(w: gguf.GGUFWriter, config) -> None:
+    """MoE hyperparameters: experts, experts per token, each expert's width (Qwen3-MoE's moe_intermediate_size)."""
+    if arch_of(config).experts is None:
+        return
+    count = getattr(config, "num_local_experts", None) or config.num_experts
+    w.add_expert_count(count)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
