@@ -88,17 +88,67 @@ def test_svd_llm_merged_reloads(kind, tmp_path):
     assert _rel(_logits(loaded, batches[0]), ours) <= 1e-5  # B·A merged in float32
 
 
+def _router_choices(model, block: int, batches) -> torch.Tensor:
+    """How many unmasked tokens the router of `block` sends to each expert, over the batches."""
+    router = model.model.layers[block].mlp.gate
+    seen = []
+    handle = router.register_forward_hook(lambda m, a, out: seen.append(out[2]))
+    try:
+        for b in batches:
+            with torch.no_grad():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        handle.remove()
+    counts = torch.zeros(model.model.layers[block].mlp.experts.num_experts, dtype=torch.long)
+    for idx, b in zip(seen, batches):
+        keep = b["attention_mask"].reshape(-1).bool()
+        counts += torch.bincount(idx[keep].reshape(-1), minlength=len(counts))
+    return counts
+
+
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_experts_are_said_to_stay_float(kind, tmp_path):
+def test_moe_experts_are_calibrated_per_expert(kind):
+    """Unfused, the experts compute what the fused module did; each expert's statistics count exactly the
+    unmasked tokens its router sent it (padding left out)."""
+    from rankwise.experts import unfuse_experts_
+
+    batches = make_batches(3, 3, 16)  # the last batch is padded
+    model = tiny(kind, MOE[kind])
+    ref = _logits(model, batches[-1])
+    counts = _router_choices(model, 0, batches)
+    assert unfuse_experts_(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert _rel(_logits(model, batches[-1]), ref) <= 1e-6  # the same sums, added in another order
+    stats = rw.calibrate(model, batches, progress=False)
+    for e, n in enumerate(counts.tolist()):
+        name = f"model.layers.0.mlp.experts.{e}.gate_proj"
+        assert (stats[name].n if n else 0) == n
+        assert stats.aliases.get(f"model.layers.0.mlp.experts.{e}.up_proj") == name  # gate and up read one input
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_moe_experts_are_quantized_and_reload(kind, tmp_path):
+    """GPTQ quantizes every expert (the router never); an expert no token reached is reported and left float;
+    compressed-tensors is refused (transformers cannot reload per-expert quantized weights); the dense folder
+    fuses the experts back and reloads in plain from_pretrained with our logits."""
     from transformers import AutoModelForCausalLM
 
     from rankwise.export.compressed_tensors import export_compressed_tensors
+    from rankwise.quant.linear import QuantLinear
 
     batches = make_batches(4, 4, 16)
     model = tiny(kind, MOE[kind])
-    with pytest.warns(UserWarning, match="fused MoE expert parameters"):
-        report = rw.quantize(model, batches, "gptq", bits=4, group_size=32, progress=False)
-    assert not any("expert" in n or n.endswith(".gate") for n in report.layers)  # router and experts untouched
+    router = model.model.layers[1].mlp.gate  # block 1 routes every token to experts 0 and 1 only
+    only = lambda m, a, out: (out[0], out[1], torch.arange(2).expand_as(out[2]))  # noqa: E731
+    handle = router.register_forward_hook(only)
+    report = rw.quantize(model, batches, "gptq", bits=4, group_size=32, progress=False)
+    handle.remove()
+    idle = {f"model.layers.1.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(report.unrouted) == idle
+    experts = {n for n, m in model.named_modules() if ".experts." in n and n.endswith("_proj")}
+    assert len(experts) == 2 * 4 * 3
+    for n in experts:
+        assert isinstance(model.get_submodule(n), QuantLinear) == (n not in idle), n
+    assert set(report.layers) == {n for n in rw.find_targets(model)} - idle and not any(n.endswith(".gate") for n in report.layers)
     with pytest.raises(QuantError, match="does not reload"):
         export_compressed_tensors(model, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()

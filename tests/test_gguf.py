@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rankwise.errors import RankwiseError
+from rankwise.experts import unfuse_experts_
 from rankwise.export.gguf import write_gguf
 from rankwise.numerics.quantize import Grid, rtn
 from rankwise.quant.linear import QuantLinear, quantized_layers, set_module
@@ -288,7 +289,9 @@ def test_other_families_through_llamacpp(tmp_path, case):
     """Every family but Llama (tested above) with block-quantized linears: llama.cpp's perplexity of the written
     file within 2 % of ours (the files hold our codes; llama.cpp rounds activations to 8 bits)."""
     pytest.importorskip("llama_cpp")
-    model = quantize_blocks(make_family(*FAMILIES[case]))
+    model = make_family(*FAMILIES[case])
+    unfuse_experts_(model)  # MoE: one linear per expert, quantized like the rest
+    model = quantize_blocks(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = write_gguf(model, tmp_path / "m.gguf")
@@ -313,6 +316,29 @@ def test_llamacpp_logits_match_position_by_position(tmp_path, case):
         ours = model(input_ids=torch.tensor(seqs)).logits.reshape(theirs.shape).float()
     assert float((theirs - ours).norm() / ours.norm()) <= 1e-2
     assert float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()) >= 0.99
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_quantized_experts_are_stacked_bit_for_bit(tmp_path, case):
+    """Per-expert QuantLinears of one projection go into one [E, rows, blocks] tensor of their own codes; experts
+    with mixed grids are re-quantized with a warning."""
+    from rankwise.export.gguf_blocks import pack_blocks
+
+    model = make_family(*FAMILIES[case])
+    unfuse_experts_(model)
+    experts = model.model.layers[0].mlp.experts
+    quantize(model, {f"model.layers.0.mlp.experts.{e}.{p}": Grid(4, 32, False)
+                     for e in range(len(experts)) for p in ("gate_proj", "up_proj", "down_proj")})
+    tensors = read(write_gguf(model, tmp_path / "m.gguf"))
+    for part, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+        t = tensors[f"blk.0.{gname}.weight"]
+        assert t.tensor_type == T.Q4_1
+        want = np.stack([pack_blocks(q.codes, q.scale, q.zero, T.Q4_1) for q in (getattr(e, part) for e in experts)])
+        assert np.array_equal(np.asarray(t.data).reshape(want.shape), want)
+    assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == T.F16  # block 1's experts are float
+    quantize(model, {"model.layers.1.mlp.experts.0.up_proj": Grid(8, 32, True)})
+    with pytest.warns(UserWarning, match="no single GGUF block type"):
+        write_gguf(model, tmp_path / "m.gguf", qtype="q8_0")
 
 
 def test_families_llamacpp_would_compute_differently_are_refused(tmp_path):

@@ -40,10 +40,14 @@ def token_mask(batch: dict[str, Tensor], use_label_mask: bool = True) -> Tensor:
 
 
 def _select_rows(x: Tensor, mask: Tensor, all_selected: bool = False) -> Tensor:
-    """Rows of x [..., d] that belong to selected tokens; inputs without a sequence axis keep all rows."""
+    """Rows of x [..., d] that belong to selected tokens; inputs without a sequence axis keep all rows; an
+    MoE expert's input [n, d] names its token positions in `rankwise_rows` (experts.ExpertLinears)."""
     d = x.shape[-1]
     if all_selected:
         return x.reshape(-1, d)
+    rows = getattr(x, "rankwise_rows", None)  # an MoE expert's input: these token positions of the flattened batch
+    if rows is not None:
+        return x[mask.reshape(-1)[rows]]
     if x.shape[:-1] == mask.shape:
         return x[mask]
     if x.ndim == 2 and x.shape[0] == mask.shape[0]:  # e.g. a pooler reading one vector per sequence
@@ -206,6 +210,9 @@ def calibrate(
         model.train(was_training)
     stats.aliases = dict(recorder.aliases)
     missing = [n for n in names if n not in stats.layers and n not in stats.aliases]
+    modules = dict(model.named_modules())
+    stats.unrouted = [n for n in missing if getattr(modules[n], "rankwise_routed", False)]  # experts no token chose
+    missing = [n for n in missing if n not in stats.unrouted]
     if missing:
         raise CalibrationError(f"these target modules were never called in the forward pass: {missing[:5]}")
     empty = [n for n, st in stats.layers.items() if st.n == 0]

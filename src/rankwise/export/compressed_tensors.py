@@ -59,9 +59,10 @@ def check_model_type(model: nn.Module) -> None:
     """QuantError, before any work, for a model whose compressed-tensors checkpoint would not reload: fused MoE
     experts (transformers 5.23 saves them per expert and then, under a quantization config, fails to fuse
     them again on load: "issues during automatic conversion of the weights")."""
+    from ..experts import ExpertLinears
     from ..targets import fused_experts
 
-    experts = fused_experts(model)
+    experts = fused_experts(model) or {n: 0 for n, m in model.named_modules() if isinstance(m, ExpertLinears)}
     if experts:
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise QuantError(f"{kind}: a compressed-tensors checkpoint of a model with fused MoE experts ({next(iter(experts))}) "

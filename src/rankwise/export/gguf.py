@@ -30,6 +30,7 @@ from torch import nn
 
 from ..arch import arch_of, block_of, gguf_families
 from ..errors import QuantError, RankwiseError
+from ..experts import ExpertLinears
 from ..quant.linear import QuantLinear
 from .gguf_blocks import BLOCK, block_type, pack_blocks
 from .gguf_tokenizer import write_tokenizer
@@ -126,8 +127,12 @@ def _tensors(model: nn.Module, config, plain: T):
     tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == embed.weight.data_ptr()
     permute = family.gguf.permute_qk
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
+    inside: tuple[str, ...] = ()  # unfused experts already written, stacked
     for name, module in model.named_modules():
-        if not _has_state(module):
+        if isinstance(module, ExpertLinears):
+            yield from _unfused_expert_tensors(module, name, names, plain)
+            inside += (f"{name}.",)
+        if name.startswith(inside) or not _has_state(module):
             continue
         if module is head and tied and family.gguf.ties:
             continue  # llama.cpp reuses token_embd as the head when output.weight is absent
@@ -161,6 +166,25 @@ def _has_state(module: nn.Module) -> bool:
     if any(True for _ in module.parameters(recurse=False)):
         return True
     return any(b is not None and n not in module._non_persistent_buffers_set for n, b in module._buffers.items())
+
+
+def _unfused_expert_tensors(module: ExpertLinears, name: str, names, plain: T):
+    """Experts as one linear per expert (quantize unfuses them), stacked into ffn_{gate,up,down}_exps [E, …]:
+    each expert's codes as ggml blocks when every expert of the projection has the same block type, else
+    the float weights in `plain` (with a warning naming why)."""
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        gname = names.get_name(f"{name}.{part}")
+        layers = [getattr(e, part) for e in module]
+        kinds = {block_type(q)[0] if isinstance(q, QuantLinear) else None for q in layers}
+        if len(kinds) == 1 and None not in kinds:
+            btype = kinds.pop()
+            data = np.stack([pack_blocks(q.codes, q.scale, q.zero, btype) for q in layers])
+        else:
+            if any(isinstance(q, QuantLinear) for q in layers):
+                warnings.warn(f"{name}.*.{part} ({gname}): its experts have no single GGUF block type, so they are "
+                              f"dequantized and re-quantized to {plain.name} (not bit-exact)", stacklevel=4)
+            data, btype = _float_tensor(torch.stack([q.weight.detach().float() for q in layers]), plain, f"{name}.{part}")
+        yield f"{gname}.weight", data, btype
 
 
 def _module_tensors(module: nn.Module, where: str, gname: str, heads: int | None, plain: T, offset: float = 0.0):

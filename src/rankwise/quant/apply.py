@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..calib.calibrate import calibrate
 from ..calib.stats import Stats
 from ..errors import QuantError
+from ..experts import unfuse_experts_
 from ..numerics.lowrank import balance, lowrank_fit
 from ..numerics.quantize import check_grid, output_error
 from ..targets import check_pattern, find_targets
@@ -46,10 +47,11 @@ class QuantReport:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     seconds: float = 0.0
     tokens: int = 0
+    unrouted: list[str] = field(default_factory=list)  # MoE expert layers no calibration token reached: left float
 
     def to_dict(self) -> dict:
         return {"method": self.method, "config": self.config, "seconds": self.seconds, "tokens": self.tokens,
-                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "layers": {k: asdict(v) for k, v in self.layers.items()}, "unrouted": list(self.unrouted)}
 
     @property
     def mean_bits(self) -> float:
@@ -183,6 +185,7 @@ def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn") -> Qua
     if config.compensate == "eora":
         raise QuantError("compensate='eora' weights the error by the inputs' XᵀX, which needs calibration data: "
                          "use rankwise.quantize(model, batches, ...) with a calibrated method, or compensate='lorc'")
+    unfuse_experts_(model)
     names = check_model(model, config.targets, config)
     report = QuantReport(method, config.model_dump())
     t = time.perf_counter()
@@ -205,6 +208,7 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
         return quantize_(model, cfg, method)
     if not batches:
         raise QuantError(f"{method} needs calibration batches (rankwise.load_data); only rtn is data-free")
+    unfuse_experts_(model)
     check_model(model, cfg.targets, cfg)
     report = QuantReport(method, cfg.model_dump())
     t = time.perf_counter()
@@ -226,6 +230,9 @@ def quant_step(model: nn.Module, quantizer, cfg: QuantConfig, report: QuantRepor
     call `q.cache_weight_(False)` on every quantized layer (as quantize does)."""
 
     def step(group_names: list[str], stats: Stats) -> None:
+        reached = [n for n in group_names if n in stats.layers or n in stats.aliases]
+        report.unrouted += [n for n in group_names if n not in reached]  # an expert no token chose: left float
+        group_names = reached
         for q in quantized_layers(model).values():  # earlier blocks have fed theirs: drop their float copies
             q.cache_weight_(False)
         ctx = Context(model, cfg, report, stats)

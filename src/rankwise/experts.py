@@ -1,0 +1,100 @@
+"""MoE experts as one linear layer per expert and projection.
+
+transformers 5 stores a block's experts fused: gate_up_proj [E, 2I, H] (gate rows first) and down_proj
+[E, H, I], one module computing every expert in a loop. `unfuse_experts_` puts an `ExpertLinears` in its place
+that computes exactly the same thing through nn.Linear layers `<experts>.<e>.gate_proj / up_proj / down_proj`,
+so that each expert is an ordinary layer to calibrate (on the tokens routed to it), quantize and export;
+`fuse_experts_` puts the fused module back (float weights) for a checkpoint transformers reloads. The router
+is a module of its own and stays as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .arch import arch_of, block_of
+
+
+class Expert(nn.Module):
+    """One expert: down(act(gate(x)) · up(x))."""
+
+    def __init__(self, gate: Tensor, up: Tensor, down: Tensor):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (_linear(w) for w in (gate, up, down))
+
+
+def _linear(w: Tensor) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    lin.rankwise_routed = True  # sees only the tokens routed to its expert, possibly none
+    return lin
+
+
+class ExpertLinears(nn.ModuleList):
+    """The experts of one MoE block as a list of `Expert`s, called like transformers' fused experts module:
+    (hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k]) → [tokens, H].
+
+    The input rows an expert reads carry `rankwise_rows` (their token positions in the flattened batch), so
+    calibration can leave padding out of each expert's statistics."""
+
+    rankwise_experts = True
+
+    def __init__(self, fused: nn.Module):
+        gate, up = fused.gate_up_proj.chunk(2, dim=1)
+        super().__init__(Expert(g, u, d) for g, u, d in zip(gate, up, fused.down_proj))
+        self.__dict__["act_fn"] = fused.act_fn  # not a child: the list holds experts only
+        self.__dict__["fused"] = fused  # its class and config, to fuse back into; its weights are released
+        fused.gate_up_proj = nn.Parameter(torch.empty(0), requires_grad=False)
+        fused.down_proj = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        hit = torch.zeros(len(self), dtype=torch.bool, device=top_k_index.device)
+        hit[top_k_index.reshape(-1)] = True
+        for e in hit.nonzero()[:, 0].tolist():
+            token, slot = torch.where(top_k_index == e)
+            x = hidden_states[token]
+            x.rankwise_rows = token
+            expert = self[e]
+            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    @torch.no_grad()
+    def fused_module(self) -> nn.Module:
+        """The transformers module this replaced, holding every expert's current (float) weights."""
+        fused = self.__dict__["fused"]
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
+        fused.gate_up_proj = nn.Parameter(gate_up.detach().clone(), requires_grad=False)
+        fused.down_proj = nn.Parameter(torch.stack([e.down_proj.weight for e in self]).detach().clone(),
+                                       requires_grad=False)
+        return fused
+
+
+def _expert_modules(model: nn.Module, cls) -> dict[str, nn.Module]:
+    family = arch_of(model)
+    if family is None or family.experts is None:
+        return {}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, cls) and (w := block_of(family, n)) is not None and w[1] == family.experts}
+
+
+def unfuse_experts_(model: nn.Module) -> list[str]:
+    """Replace every fused experts module the family's table entry names by ExpertLinears (in place); return
+    their names."""
+    fused = {n: m for n, m in _expert_modules(model, nn.Module).items()
+             if isinstance(getattr(m, "gate_up_proj", None), Tensor) and m.gate_up_proj.ndim == 3}
+    for name, module in fused.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, ExpertLinears(module))
+    return list(fused)
+
+
+def fuse_experts_(model: nn.Module) -> nn.Module:
+    """Put transformers' fused experts back in place of every ExpertLinears (float weights: quantized experts
+    must be dequantized first). Returns the model."""
+    for name, module in _expert_modules(model, ExpertLinears).items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module.fused_module())
+    return model
