@@ -100,7 +100,7 @@ def quantize(
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence (and perplexity window)."),
     n_samples: int = typer.Option(32, help="Number of calibration sequences."),
     batch_size: int = typer.Option(4, help="Sequences per forward pass."),
-    format: str = typer.Option("safetensors", help="Output: 'safetensors' (dequantized transformers folder), 'compressed-tensors' (packed ints, int8 per code when --asymmetric; transformers loads it) or 'gguf' (llama.cpp; Llama, Mistral, Qwen2, Qwen3)."),
+    format: str = typer.Option("safetensors", help="Output: 'safetensors' (dequantized transformers folder), 'compressed-tensors' (packed ints, int8 per code when --asymmetric; transformers loads it) or 'gguf' (llama.cpp; Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, Granite, OLMo 2, Mixtral, Qwen3-MoE)."),
     eval_data: str = typer.Option("pydoc", help="Plain text held out: perplexity before/after (causal LMs), or an encoder's embedding cosine to the float model ('pydoc': its held-out paragraphs)."),
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to measure (0: skip)."),
     device: str = typer.Option("cpu", help="Torch device."),

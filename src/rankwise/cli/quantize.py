@@ -143,6 +143,9 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     with dist.together("quantizing"):
         report = quantize(model, batches, job.method, progress=progress, **options)
     t3 = time.perf_counter()
+    if report.unrouted:
+        log(f"note: {len(report.unrouted)} MoE expert layer(s) received no calibration token and stay float (e.g. "
+            f"{report.unrouted[0]}); more calibration data (--n-samples) reaches more experts")
     if not main:  # rank 0 alone evaluates and writes, with no collective: the others are done
         return {**report.to_dict(), "written": None}
     return _finish(model, tok, held_out, report, job, before, (t0, t1, t2, t3))
@@ -192,6 +195,9 @@ def write_quant_report(out: Path, s: dict) -> None:
              f"{'symmetric' if cfg['symmetric'] else 'asymmetric'}; {len(layers)} layers, {mean_bits:.2f} bits per "
              f"weight with scales; calibrated on {s['tokens']} tokens of `{job['data']}`; quantized in "
              f"{s['seconds']['quantize']:.1f} s. Written: `{Path(s['written']).name}` ({job['format']}).", ""]
+    if s.get("unrouted"):
+        lines += [f"{len(s['unrouted'])} MoE expert layer(s) received no calibration token and stay float: "
+                  f"{', '.join(s['unrouted'][:6])}{', …' if len(s['unrouted']) > 6 else ''}.", ""]
     lines += held_out_rows(s, job)
     worst = sorted(layers.items(), key=lambda kv: -kv[1]["error"])[:8]
     comp = cfg.get("compensate", "none") != "none"
