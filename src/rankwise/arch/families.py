@@ -19,6 +19,10 @@ _GEMMA = (Fold("input_layernorm", _QKV), Fold("pre_feedforward_layernorm", _GATE
 _BERT = (Fold("attention.self.value", ("attention.output.dense",), "rows"),)
 
 
+_MOE_CT = ("transformers 5.23 saves fused MoE experts per expert and then, under a quantization config, fails to "
+           "fuse them again on load")
+
+
 def _gemma_scale(config) -> str | None:
     scalar = getattr(config, "query_pre_attn_scalar", None)
     head_dim = getattr(config, "head_dim", None)
@@ -70,9 +74,10 @@ FAMILIES: tuple[Arch, ...] = (
     # OLMo 2 normalizes the outputs of attention and MLP, not their inputs: only the linear-to-linear folds.
     Arch("olmo2", ("olmo2",), "layers", (_V_O, _UP_DOWN), gguf=Gguf("OLMO2", ties=False)),
     Arch("mixtral", ("mixtral",), "layers", (Fold("input_layernorm", _QKV), _V_O),
-         experts="mlp.experts", router="mlp.gate", gguf=Gguf("LLAMA", permute_qk=True)),
+         experts="mlp.experts", router="mlp.gate", gguf=Gguf("LLAMA", permute_qk=True), no_compressed_tensors=_MOE_CT),
     Arch("qwen3_moe", ("qwen3_moe",), "layers", (Fold("input_layernorm", _QKV), _V_O),
-         experts="mlp.experts", router="mlp.gate", gguf=Gguf("QWEN3MOE", refuse=_qwen3moe)),
+         experts="mlp.experts", router="mlp.gate", gguf=Gguf("QWEN3MOE", refuse=_qwen3moe),
+         no_compressed_tensors=_MOE_CT),
     Arch("opt", ("opt",), "layers",
          (Fold("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                when=lambda c: getattr(c, "do_layer_norm_before", True)),
@@ -88,7 +93,9 @@ FAMILIES: tuple[Arch, ...] = (
     # ModernBERT is pre-norm (layer 0's attn_norm is an Identity: nothing to fold into); Wi is [input | gate].
     Arch("modernbert", ("modernbert",), "layers",
          (Fold("attn_norm", ("attn.Wqkv",)), Fold("mlp_norm", ("mlp.Wi",)), Fold("attn.Wqkv", ("attn.Wo",), "rows", parts=3),
-          Fold("mlp.Wi", ("mlp.Wo",), "rows", parts=2))),
+          Fold("mlp.Wi", ("mlp.Wo",), "rows", parts=2)),
+         no_compressed_tensors="transformers 5.23's ModernBERT weight init reads the weight of every Linear, which "
+                               "compressed-tensors' quantized linears do not have, so loading fails"),
     # Position ids after the padding index, module layouts of their own: only the usable length is known.
     Arch("roberta-like", ("roberta-prelayernorm", "longformer", "ibert", "mpnet", "esm", "xlm-roberta-xl"), "layer",
          positions_after_padding=True),

@@ -57,7 +57,8 @@ class Arch:
     norm_offset: the norms compute x̂·(offset + w) (Gemma: 1), so a folded scale and a GGUF file see offset + w.
     experts / router: the fused MoE expert module and the router linear (relative to a block); the router is
     never quantized. positions_after_padding: position ids start after the padding index (RoBERTa), so the
-    usable length is max_position_embeddings − pad_token_id − 1.
+    usable length is max_position_embeddings − pad_token_id − 1. no_compressed_tensors: why a compressed-tensors
+    checkpoint of this family does not reload in transformers (refused before any work), or None.
     """
 
     name: str
@@ -69,3 +70,4 @@ class Arch:
     router: str | None = None
     positions_after_padding: bool = False
     gguf: Gguf | None = None
+    no_compressed_tensors: str | None = None

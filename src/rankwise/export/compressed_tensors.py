@@ -56,17 +56,19 @@ def _format(layers: dict[str, QuantLinear]) -> str:
 
 
 def check_model_type(model: nn.Module) -> None:
-    """QuantError, before any work, for a model whose compressed-tensors checkpoint would not reload: fused MoE
-    experts (transformers 5.23 saves them per expert and then, under a quantization config, fails to fuse
-    them again on load: "issues during automatic conversion of the weights")."""
-    from ..experts import ExpertLinears
+    """QuantError, before any work, for a model whose compressed-tensors checkpoint would not reload: a family
+    the architecture table marks so (MoE experts, ModernBERT), or fused MoE experts of a family without entry."""
+    from ..arch import arch_of
     from ..targets import fused_experts
 
-    experts = fused_experts(model) or {n: 0 for n, m in model.named_modules() if isinstance(m, ExpertLinears)}
-    if experts:
-        kind = getattr(model.config, "model_type", type(model).__name__)
-        raise QuantError(f"{kind}: a compressed-tensors checkpoint of a model with fused MoE experts ({next(iter(experts))}) "
-                         "does not reload in transformers 5.23; use --format safetensors (dequantized, reloads)")
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    family = arch_of(model)
+    why = family.no_compressed_tensors if family is not None else None
+    if why is None and fused_experts(model):
+        why = f"fused MoE experts ({next(iter(fused_experts(model)))}) do not reload in transformers 5.23"
+    if why:
+        raise QuantError(f"{kind}: a compressed-tensors checkpoint does not reload: {why}; use --format safetensors "
+                         "(dequantized, reloads)")
 
 
 def _check_exportable(layers: dict[str, QuantLinear]) -> None:

@@ -129,5 +129,6 @@ def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     check_reloadable(merged, f"merged model for {out}")
     with staging_dir(out) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out

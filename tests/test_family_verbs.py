@@ -1,0 +1,178 @@
+"""Every verb on every family, on tiny random models (issue: every common model family, every verb).
+
+Decoders (causal LM) and encoders (sequence classification, the head trained whole) through the library:
+- init with EVA, PiSSA and LoRA-GA leaves the model's outputs as they were; after one training step the peft
+  adapter loads in `PeftModel` on the saved base and the merged folder in plain `from_pretrained`, both with
+  the trained model's outputs;
+- RTN, GPTQ and AWQ → compressed-tensors, reloaded by plain `from_pretrained` with rankwise's own outputs
+  (MoE and ModernBERT: refused, the dense folder reloads instead);
+- SVD-LLM and mixed precision, merged and reloaded.
+Tolerance 1e-5 relative: float32 weights on both sides, only the order of float32 sums differs (a few ε32 ≈
+1e-7 per sum through two blocks). The CLI's `train` runs once per decoder family at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_batches
+from test_arch import ENCODERS
+from test_cli import run
+from test_decoder_families import DENSE, MOE, tiny
+
+import rankwise as rw
+from rankwise.errors import QuantError
+
+DECODERS = {"llama": {}, **DENSE, **MOE}
+KINDS = list(DECODERS) + list(ENCODERS)
+TOL = 1e-5
+# transformers 5.23 cannot reload these as compressed-tensors (MoE: fused experts saved per expert; ModernBERT:
+# its weight init reads every Linear's weight): refused before any work, the dense folder reloads instead.
+NO_CT = {"mixtral", "qwen3_moe", "modernbert"}
+# MoE: the fused experts are said to stay float where a verb does not reach them (tested in test_decoder_families)
+pytestmark = pytest.mark.filterwarnings("ignore:.*fused MoE expert")
+
+
+def build(kind: str):
+    if kind in DECODERS:
+        return tiny(kind, DECODERS[kind])
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(kind, vocab_size=96, pad_token_id=0, num_labels=2, **ENCODERS[kind])
+    return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def batches_for(kind: str, n=3):
+    batches = make_batches(n, 3, 16, labels=kind in DECODERS)
+    if kind not in DECODERS:
+        for i, b in enumerate(batches):
+            b["labels"] = torch.tensor([(i + j) % 2 for j in range(3)])
+    return batches
+
+
+def outputs(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def reload(kind: str, path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind in DECODERS else AutoModelForSequenceClassification
+    model, info = cls.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    return model.eval()
+
+
+def _train_step(model, batch, task: str) -> None:
+    from rankwise.losses import loss_terms
+
+    loss, n = loss_terms(model, batch, task)
+    (loss / n).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(0.5 * p.grad / (p.grad.norm() + 1e-12))
+                p.grad = None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["eva", "pissa", "lora-ga"])
+def test_init_train_and_export(kind, method, tmp_path):
+    from peft import PeftModel
+
+    from rankwise.calib.gradients import calibrate_gradients
+    from rankwise.cli.runs import head_modules
+
+    model, batches = build(kind), batches_for(kind)
+    model.save_pretrained(tmp_path / "base")
+    ref = outputs(model, batches[0])
+    stats = {"eva": lambda: rw.calibrate(model, batches, progress=False), "pissa": lambda: None,
+             "lora-ga": lambda: calibrate_gradients(model, batches, progress=False)}[method]()
+    extra = {} if kind in DECODERS else {"modules_to_save": head_modules(model)}
+    pm = rw.adapt_(copy.deepcopy(model), rw.plan(stats, model, method=method, rank=4), **extra)
+    assert rel(outputs(pm, batches[0]), ref) <= TOL  # every init starts where the model was
+    pm.train()
+    _train_step(pm, batches[1], "causal-lm" if kind in DECODERS else "seq-cls")
+    pm.eval()
+    trained = outputs(pm, batches[0])
+    assert rel(trained, ref) > 1e-3  # the step moved it
+    rw.export(pm, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(reload(kind, tmp_path / "base"), tmp_path / "adapter").eval()
+    assert rel(outputs(loaded, batches[0]), trained) <= TOL
+    from rankwise.export.peft import export_merged
+
+    export_merged(pm, None, tmp_path / "merged")
+    assert rel(outputs(reload(kind, tmp_path / "merged"), batches[0]), trained) <= TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantize_to_compressed_tensors(kind, method, tmp_path):
+    from rankwise.export.compressed_tensors import export_compressed_tensors
+
+    model, batches = build(kind), batches_for(kind)
+    ref = outputs(model, batches[0])
+    options = {"explicit_scales": False} if method == "awq" else {}
+    rw.quantize(model, batches, method, bits=4, group_size=32, progress=False, **options)
+    ours = outputs(model, batches[0])
+    assert rel(ours, ref) > 1e-4  # it really is quantized
+    if kind in NO_CT:
+        with pytest.raises(QuantError, match="does not reload"):
+            export_compressed_tensors(model, tmp_path / "ct")
+        rw.export_model(model, tmp_path / "dense", "safetensors")
+        assert rel(outputs(reload(kind, tmp_path / "dense"), batches[0]), ours) <= TOL
+        return
+    export_compressed_tensors(model, tmp_path / "ct")
+    loaded = reload(kind, tmp_path / "ct")
+    loaded.hf_quantizer.compressor.decompress_model(loaded)
+    assert rel(outputs(loaded, batches[0]), ours) <= TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["svd-llm", "mixed"])
+def test_compress_merged_reloads(kind, method, tmp_path):
+    model, batches = build(kind), batches_for(kind)
+    ref = outputs(model, batches[0])
+    if method == "mixed":
+        rw.mixed_precision(model, batches, avg_bits=5, progress=False, group_size=32)
+    else:
+        rw.compress(model, batches, method, ratio=0.8, progress=False)
+    ours = outputs(model, batches[0])
+    assert rel(ours, ref) > 1e-4
+    rw.export_model(model, tmp_path / "merged", "safetensors")
+    assert rel(outputs(reload(kind, tmp_path / "merged"), batches[0]), ours) <= TOL
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from conftest import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_cli_train_per_family(kind, tokenizer_dir, tmp_path):
+    """`rankwise train` (EVA, 2 steps) on each decoder family saved with a real BPE tokenizer: adapter, merged
+    folder and report written."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = dict(DECODERS[kind], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    from test_decoder_families import BASE
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(kind, **{k: v for k, v in (BASE | kw).items() if v is not None})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    r = run("train", "--model", tmp_path / "m", "--data", "pydoc", "--method", "eva", "--rank", "4", "--seq-len", "32",
+            "--steps", "2", "--max-eval-examples", "8", "--out", tmp_path / "run", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert {"adapter", "merged", "report.md"} <= {p.name for p in (tmp_path / "run").iterdir()}
