@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 from conftest import make_batches
-from test_decoder_families import DENSE, MOE, tiny
+from test_decoder_families import DENSE, GPT2, MOE, tiny
+
+import rankwise as rw
 
 from rankwise.arch import FAMILIES, arch_of, block_of
 from rankwise.calib.calibrate import calibrate
@@ -27,7 +29,7 @@ ENCODERS = {
 # an Identity.
 EXPECTED = {"mistral": 6, "qwen2": 6, "qwen3": 6, "gemma2": 6, "gemma3_text": 6, "phi3": 6, "phi3-mha": 8,
             "granite": 6, "olmo2": 2, "opt": 8, "mixtral": 2, "qwen3_moe": 2,
-            "bert": 2, "roberta": 2, "distilbert": 2, "deberta-v2": 2, "modernbert": 7}
+            "gpt2": 6, "bert": 2, "roberta": 2, "distilbert": 2, "deberta-v2": 2, "modernbert": 7}
 
 
 def _model(kind: str):
@@ -38,6 +40,10 @@ def _model(kind: str):
         return AutoModel.from_config(AutoConfig.for_model(kind, vocab_size=96, pad_token_id=0, **ENCODERS[kind])).eval()
     if kind == "phi3-mha":
         return tiny("phi3", dict(num_key_value_heads=4))
+    if kind == "gpt2":
+        model = tiny("gpt2", GPT2)
+        rw.linearize_conv1d_(model)  # Conv1D as nn.Linear
+        return model
     return tiny(kind, (DENSE | MOE)[kind])
 
 

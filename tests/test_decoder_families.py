@@ -19,6 +19,7 @@ DENSE = {
     "gemma3_text": dict(head_dim=16), "phi3": {}, "granite": {}, "olmo2": {},
     "opt": dict(ffn_dim=96, word_embed_proj_dim=64, intermediate_size=None, num_key_value_heads=None),
 }
+GPT2 = dict(num_key_value_heads=None, intermediate_size=None, n_inner=96)
 MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)}
 
@@ -158,9 +159,26 @@ def test_moe_experts_are_quantized_and_reload(kind, tmp_path):
     assert _rel(_logits(loaded, batches[0]), _logits(model, batches[0])) <= 1e-5
 
 
-def test_conv1d_models_are_refused_by_name():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_conv1d_models_are_linearized(tmp_path):
+    """GPT-2's Conv1D layers: refused by name until linearized; linearized, they compute the same bit for bit,
+    every verb finds them, and the model's own save_pretrained still writes GPT-2's [in, out] layout (c_proj is
+    square: a transposed weight would load without an error), which rankwise.load_model linearizes again."""
+    from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
-    with pytest.raises(TargetError, match="gpt2: .*Conv1D"):
+    model = tiny("gpt2", GPT2)
+    batch = make_batches(1, 2, 16)[0]
+    ref = _logits(model, batch)
+    with pytest.raises(TargetError, match="gpt2: .*Conv1D.*linearize_conv1d_"):
         rw.find_targets(model)
+    assert len(rw.linearize_conv1d_(model)) == 8
+    assert torch.equal(_logits(model, batch), ref)
+    assert len(rw.find_targets(model)) == 8  # the tied lm_head is not a target
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(_logits(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), batch), ref)
+    from rankwise.models import load_model
+    from transformers import AutoTokenizer
+    from conftest import build_tiny_model_dir
+
+    AutoTokenizer.from_pretrained(build_tiny_model_dir(tmp_path / "tok")).save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.rankwise_conv1d and torch.equal(_logits(loaded, batch), ref)

@@ -14,30 +14,35 @@ Tolerance 1e-5 relative: float32 weights on both sides, only the order of float3
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import make_batches
 from test_arch import ENCODERS
 from test_cli import run
-from test_decoder_families import DENSE, MOE, tiny
+from test_decoder_families import DENSE, GPT2, MOE, tiny
 
 import rankwise as rw
 from rankwise.errors import QuantError
 
-DECODERS = {"llama": {}, **DENSE, **MOE}
+# GPT-2's Conv1D projections are linearized first (rankwise.load_model does it; dense exports write Conv1D again)
+DECODERS = {"llama": {}, **DENSE, **MOE, "gpt2": GPT2}
 KINDS = list(DECODERS) + list(ENCODERS)
 TOL = 1e-5
 # transformers 5.23 cannot reload these as compressed-tensors (MoE: fused experts saved per expert; ModernBERT:
-# its weight init reads every Linear's weight): refused before any work, the dense folder reloads instead.
-NO_CT = {"mixtral", "qwen3_moe", "modernbert"}
+# its weight init reads every Linear's weight; GPT-2: Conv1D, not Linear): refused before any work, the dense
+# folder reloads instead.
+NO_CT = {"mixtral", "qwen3_moe", "modernbert", "gpt2"}
 # MoE: the fused experts are said to stay float where a verb does not reach them (tested in test_decoder_families)
 pytestmark = pytest.mark.filterwarnings("ignore:.*fused MoE expert")
 
 
 def build(kind: str):
     if kind in DECODERS:
-        return tiny(kind, DECODERS[kind])
+        model = tiny(kind, DECODERS[kind])
+        rw.linearize_conv1d_(model)
+        return model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
@@ -176,3 +181,25 @@ def test_cli_train_per_family(kind, tokenizer_dir, tmp_path):
             "--steps", "2", "--max-eval-examples", "8", "--out", tmp_path / "run", "--quiet")
     assert r.returncode == 0, r.stderr
     assert {"adapter", "merged", "report.md"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    if kind == "gpt2":  # 128 positions: eval's default --seq-len 256 is cut with a note on stderr, stdout stays JSON
+        tiny_positions = AutoConfig.from_pretrained(tmp_path / "m").n_positions
+        r = run("eval", "--adapter", tmp_path / "run" / "adapter", "--data", "pydoc")
+        assert r.returncode == 0 and f"using {tiny_positions}" in r.stderr, r.stderr
+        assert json.loads(r.stdout)["perplexity"] > 1
+
+
+def test_gpt2_factored_folder_round_trip(tmp_path):
+    """SVD-LLM on GPT-2 (linearized Conv1D): the factored folder reloads through rankwise.load_model with the
+    compressed model's outputs (the untouched layers in Conv1D's layout, the factored ones as B·A)."""
+    from rankwise.models import load_model
+
+    model, batches = build("gpt2"), batches_for("gpt2")
+    rw.compress(model, batches, "svd-llm", ratio=0.8, progress=False)
+    ours = outputs(model, batches[0])
+    rw.export_model(model, tmp_path / "f", "factored")
+    from conftest import build_tiny_model_dir
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(build_tiny_model_dir(tmp_path / "tok")).save_pretrained(tmp_path / "f")
+    loaded, _ = load_model(tmp_path / "f")
+    assert rel(outputs(loaded, batches[0]), ours) <= TOL

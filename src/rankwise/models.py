@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .conv1d import linearize_conv1d_
 from .errors import ModelLoadError
 
 # name -> (python package that carries the weights, file or folder inside it)
@@ -162,6 +163,7 @@ def load_model(
         else:
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
         model = _load_weights(path, cls, config, kwargs)
+        linearize_conv1d_(model)  # GPT-2's Conv1D as the nn.Linear it is (dense exports write Conv1D again)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ModelLoadError:
         raise

@@ -126,8 +126,8 @@ def _refuse_conv1d(model: nn.Module) -> None:
     if conv:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise TargetError(f"{kind}: its projections ({conv[0]} and {len(conv) - 1} more) are transformers' Conv1D "
-                          "layers, which rankwise does not handle yet; models built on nn.Linear (Llama, Qwen, "
-                          "Mistral, Gemma, Phi-3, OPT, BERT-likes, …) work")
+                          "layers (weights stored transposed); call rankwise.linearize_conv1d_(model) first, which "
+                          "turns them into the nn.Linear they compute (rankwise.load_model does it)")
 
 
 def fused_experts(model: nn.Module) -> dict[str, int]:

@@ -84,6 +84,11 @@ FAMILIES: tuple[Arch, ...] = (
           Fold("final_layer_norm", ("fc1",), when=lambda c: getattr(c, "do_layer_norm_before", True)),
           Fold("self_attn.v_proj", ("self_attn.out_proj",), "rows"),
           Fold("fc1", ("fc2",), "rows", when=lambda c: getattr(c, "activation_function", "") == "relu"))),
+    # GPT-2: Conv1D projections (rankwise works on them as nn.Linear, conv1d.py); c_attn is [q | k | v].
+    Arch("gpt2", ("gpt2",), "h",
+         (Fold("ln_1", ("attn.c_attn",)), Fold("ln_2", ("mlp.c_fc",)), Fold("attn.c_attn", ("attn.c_proj",), "rows", parts=3)),
+         no_compressed_tensors="its projections are Conv1D layers, which compressed-tensors' loader does not "
+                               "replace by quantized linears"),
     Arch("bert", ("bert",), "encoder.layer", _BERT),
     Arch("roberta", ("roberta", "xlm-roberta", "camembert", "data2vec-text"), "encoder.layer", _BERT,
          positions_after_padding=True),

@@ -137,11 +137,11 @@ class Stats:
     layers: dict[str, LayerStats] = field(default_factory=dict)  # canonical name -> stats
     aliases: dict[str, str] = field(default_factory=dict)  # module name -> canonical name
     order: list[str] = field(default_factory=list)  # every target module, in model order
-    unrouted: list[str] = field(default_factory=list)  # MoE expert layers no calibration token was routed to
     # Σ ∂(summed task loss)/∂W [out, in] float32 per module (every module: weights differ where inputs are
     # shared) and the scored tokens it sums over (calibrate_gradients); merged by sum like the moments.
     grads: dict[str, Tensor] = field(default_factory=dict)
     grad_count: int = 0
+    unrouted: list[str] = field(default_factory=list)  # MoE expert layers no calibration token was routed to
 
     def gradient(self, name: str) -> Tensor:
         """The mean-loss weight gradient G = Σ∂L/∂W / tokens [out, in] of module `name`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
@@ -50,6 +51,8 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
 
     try:  # a factored base (`rankwise compress`, or base/ of a run on an SVD base) needs its LoRA layer class
         config = register_compressed(PeftConfig.from_pretrained(str(adapter)), base)
+        if getattr(base, "rankwise_conv1d", None):
+            config.fan_in_fan_out = False  # written for GPT-2's Conv1D; rankwise's base has them as nn.Linear
         loaded = PeftModel.from_pretrained(base, str(adapter), config=config).eval()
     except Exception as e:  # peft raises ValueError/KeyError/RuntimeError for adapters that do not fit
         raise ConfigError(f"{adapter} does not fit base model {model or adapter_base(adapter)!r} ({task}): "
@@ -94,6 +97,7 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
              limit: int | None = None, fields: Fields | None = None, max_new_tokens: int = 256) -> dict:
     """One metric of model (+ adapter) on `data`; returns {"metric", ...its values}."""
     from ..data.sources import batchify, check_source, is_plain_text, read_examples, read_stream
+    from ..models import fit_seq_len
     from ..train.evaluate import accuracy, perplexity, record_perplexity
 
     fields = fields or Fields()
@@ -107,9 +111,12 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
     if metric == "accuracy":
         names = eval_labels(model, adapter, data, fields.label_field)
         m, tok = load_with_adapter(model, adapter, task="seq-cls", labels=names)
+        seq_len = fit_seq_len(m, seq_len, log=lambda s: print(s, file=sys.stderr))
         ds = read_examples(data, tok, "seq-cls", seq_len, None, 0.1, fields, names)
         return {"metric": metric, **accuracy(m, batchify(ds.examples[:limit], tok, 16)), "labels": names}
     m, tok = load_with_adapter(model, adapter, task="causal-lm")
+    seq_len = fit_seq_len(m, seq_len, log=lambda s: print(s, file=sys.stderr))  # stdout holds the one JSON line
+    stride = min(stride, seq_len)
     if metric == "perplexity":
         if is_plain_text(data):
             stream = read_stream(data, tok, "eval" if data == "pydoc" else None)[:limit]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic import staging_dir
+from ..conv1d import linearize_conv1d_
 from ..errors import ModelLoadError
 from .linear import factor_, lowrank_layers
 
@@ -82,6 +83,7 @@ def load_factored(path: str | os.PathLike, cls, config, dtype: torch.dtype = tor
     if saved is not None and type(model).__name__ != saved:
         raise ModelLoadError(f"{path} is a factored {saved}; it reloads only as that architecture, not as "
                              f"{type(model).__name__} (merge it first: the merged/ folder loads as any task)")
+    linearize_conv1d_(model)  # GPT-2: factored layers were nn.Linear-shaped; the others load in Conv1D's layout
     try:
         factor_(model, ranks)
     except AttributeError as e:

@@ -32,12 +32,13 @@ def export_dense(model, out: str | os.PathLike, tokenizer=None, **_) -> Path:
     layer by B·A."""
     from ..atomic import staging_dir
     from ..compress.linear import merge_lowrank_
+    from ..conv1d import restore_conv1d_
     from ..experts import fuse_experts_
     from ..quant.linear import dequantize_
     from .check import check_reloadable
 
     out = Path(out)
-    plain = fuse_experts_(merge_lowrank_(dequantize_(copy.deepcopy(model))))
+    plain = restore_conv1d_(fuse_experts_(merge_lowrank_(dequantize_(copy.deepcopy(model)))))
     check_reloadable(plain, f"safetensors export to {out}")
     with staging_dir(out) as tmp:
         plain.save_pretrained(tmp)

@@ -75,6 +75,8 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = meta["base_model_id"]
+        if getattr(model.get_base_model(), "rankwise_conv1d", None):
+            cfg["fan_in_fan_out"] = True  # the base it loads on has GPT-2's Conv1D layers (rankwise: linearized)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         plan = plan or getattr(model, "rankwise_plan", None)
         if plan is not None and any(lp.residual for lp in plan.active().values()):
@@ -118,6 +120,8 @@ def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Fold the adapter into a copy of the base weights and save a plain transformers folder (dense float:
     a compressed base is folded in as its effective weight)."""
     from ..compress.linear import merge_lowrank_
+    from ..conv1d import restore_conv1d_
+    from ..experts import fuse_experts_
     from ..peft_layers import merged_copy
     from ..quant.linear import dequantize_
     from .check import check_reloadable
@@ -125,7 +129,7 @@ def export_merged(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     # Layers under a LoRA layer were merged into their effective float weight; the compressed layers the
     # adapter does not touch (other targets, EVA's rank-0 layers) are made dense here.
-    merged = merge_lowrank_(dequantize_(merged_copy(peft_model)))
+    merged = restore_conv1d_(fuse_experts_(merge_lowrank_(dequantize_(merged_copy(peft_model)))))
     check_reloadable(merged, f"merged model for {out}")
     with staging_dir(out) as tmp:
         merged.save_pretrained(tmp)
