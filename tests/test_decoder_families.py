@@ -121,9 +121,9 @@ def test_moe_experts_are_calibrated_per_expert(kind):
     assert _rel(_logits(model, batches[-1]), ref) <= 1e-6  # the same sums, added in another order
     stats = rw.calibrate(model, batches, progress=False)
     for e, n in enumerate(counts.tolist()):
-        name = f"model.layers.0.mlp.experts.{e}.gate_proj"
+        name = f"model.layers.0.mlp.experts.{e}.w_gate"
         assert (stats[name].n if n else 0) == n
-        assert stats.aliases.get(f"model.layers.0.mlp.experts.{e}.up_proj") == name  # gate and up read one input
+        assert stats.aliases.get(f"model.layers.0.mlp.experts.{e}.w_up") == name  # gate and up read one input
 
 
 @pytest.mark.parametrize("kind", list(MOE))
@@ -143,9 +143,9 @@ def test_moe_experts_are_quantized_and_reload(kind, tmp_path):
     handle = router.register_forward_hook(only)
     report = rw.quantize(model, batches, "gptq", bits=4, group_size=32, progress=False)
     handle.remove()
-    idle = {f"model.layers.1.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("gate_proj", "up_proj", "down_proj")}
+    idle = {f"model.layers.1.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("w_gate", "w_up", "w_down")}
     assert set(report.unrouted) == idle
-    experts = {n for n, m in model.named_modules() if ".experts." in n and n.endswith("_proj")}
+    experts = {n for n, m in model.named_modules() if ".experts." in n and n.rpartition(".")[2] in ("w_gate", "w_up", "w_down")}
     assert len(experts) == 2 * 4 * 3
     for n in experts:
         assert isinstance(model.get_submodule(n), QuantLinear) == (n not in idle), n

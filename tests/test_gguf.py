@@ -328,15 +328,15 @@ def test_quantized_experts_are_stacked_bit_for_bit(tmp_path, case):
     unfuse_experts_(model)
     experts = model.model.layers[0].mlp.experts
     quantize(model, {f"model.layers.0.mlp.experts.{e}.{p}": Grid(4, 32, False)
-                     for e in range(len(experts)) for p in ("gate_proj", "up_proj", "down_proj")})
+                     for e in range(len(experts)) for p in ("w_gate", "w_up", "w_down")})
     tensors = read(write_gguf(model, tmp_path / "m.gguf"))
-    for part, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+    for part, gname in (("w_gate", "ffn_gate_exps"), ("w_up", "ffn_up_exps"), ("w_down", "ffn_down_exps")):
         t = tensors[f"blk.0.{gname}.weight"]
         assert t.tensor_type == T.Q4_1
         want = np.stack([pack_blocks(q.codes, q.scale, q.zero, T.Q4_1) for q in (getattr(e, part) for e in experts)])
         assert np.array_equal(np.asarray(t.data).reshape(want.shape), want)
     assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == T.F16  # block 1's experts are float
-    quantize(model, {"model.layers.1.mlp.experts.0.up_proj": Grid(8, 32, True)})
+    quantize(model, {"model.layers.1.mlp.experts.0.w_up": Grid(8, 32, True)})
     with pytest.warns(UserWarning, match="no single GGUF block type"):
         write_gguf(model, tmp_path / "m.gguf", qtype="q8_0")
 

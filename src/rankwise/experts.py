@@ -2,7 +2,8 @@
 
 transformers 5 stores a block's experts fused: gate_up_proj [E, 2I, H] (gate rows first) and down_proj
 [E, H, I], one module computing every expert in a loop. `unfuse_experts_` puts an `ExpertLinears` in its place
-that computes exactly the same thing through nn.Linear layers `<experts>.<e>.gate_proj / up_proj / down_proj`,
+that computes exactly the same thing through nn.Linear layers `<experts>.<e>.w_gate / w_up / w_down` (not
+gate_proj/up_proj/down_proj: peft would take those for transformers 4 MoE names and retarget them),
 so that each expert is an ordinary layer to calibrate (on the tokens routed to it), quantize and export;
 `fuse_experts_` puts the fused module back (float weights) for a checkpoint transformers reloads. The router
 is a module of its own and stays as it is.
@@ -21,7 +22,7 @@ class Expert(nn.Module):
 
     def __init__(self, gate: Tensor, up: Tensor, down: Tensor):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = (_linear(w) for w in (gate, up, down))
+        self.w_gate, self.w_up, self.w_down = (_linear(w) for w in (gate, up, down))
 
 
 def _linear(w: Tensor) -> nn.Linear:
@@ -47,6 +48,9 @@ class ExpertLinears(nn.ModuleList):
         self.__dict__["fused"] = fused  # its class and config, to fuse back into; its weights are released
         fused.gate_up_proj = nn.Parameter(torch.empty(0), requires_grad=False)
         fused.down_proj = nn.Parameter(torch.empty(0), requires_grad=False)
+        # float experts keep the fused names in the state dict: save_pretrained writes what transformers loads
+        self._register_state_dict_hook(_fused_state)
+        self._register_load_state_dict_pre_hook(_unfused_state, with_module=True)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
@@ -57,7 +61,7 @@ class ExpertLinears(nn.ModuleList):
             x = hidden_states[token]
             x.rankwise_rows = token
             expert = self[e]
-            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            y = expert.w_down(self.act_fn(expert.w_gate(x)) * expert.w_up(x))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -65,11 +69,37 @@ class ExpertLinears(nn.ModuleList):
     def fused_module(self) -> nn.Module:
         """The transformers module this replaced, holding every expert's current (float) weights."""
         fused = self.__dict__["fused"]
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
+        gate_up = torch.stack([torch.cat([e.w_gate.weight, e.w_up.weight]) for e in self])
         fused.gate_up_proj = nn.Parameter(gate_up.detach().clone(), requires_grad=False)
-        fused.down_proj = nn.Parameter(torch.stack([e.down_proj.weight for e in self]).detach().clone(),
+        fused.down_proj = nn.Parameter(torch.stack([e.w_down.weight for e in self]).detach().clone(),
                                        requires_grad=False)
         return fused
+
+
+def _keys(prefix: str, n: int) -> list[tuple[str, str, str]]:
+    return [tuple(f"{prefix}{e}.{p}.weight" for p in ("w_gate", "w_up", "w_down")) for e in range(n)]
+
+
+def _fused_state(module: ExpertLinears, state: dict, prefix: str, _meta) -> None:
+    """state_dict hook: plain float experts written as transformers' gate_up_proj / down_proj (an adapter or a
+    quantized expert keeps its own keys)."""
+    keys = _keys(prefix, len(module))
+    if not all(k in state for trio in keys for k in trio):
+        return
+    state[f"{prefix}gate_up_proj"] = torch.stack([torch.cat([state[g], state[u]]) for g, u, _ in keys])
+    state[f"{prefix}down_proj"] = torch.stack([state[d] for _, _, d in keys])
+    for k in (k for trio in keys for k in trio):
+        del state[k]
+
+
+def _unfused_state(module: ExpertLinears, state: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: transformers' fused expert tensors split into the per-expert weights."""
+    if f"{prefix}gate_up_proj" not in state:
+        return
+    gate_up, down = state.pop(f"{prefix}gate_up_proj"), state.pop(f"{prefix}down_proj")
+    for e, (g, u, d) in enumerate(_keys(prefix, len(module))):
+        state[g], state[u] = gate_up[e].chunk(2)
+        state[d] = down[e]
 
 
 def _expert_modules(model: nn.Module, cls) -> dict[str, nn.Module]:

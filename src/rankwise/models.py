@@ -15,6 +15,7 @@ from torch import nn
 
 from .conv1d import linearize_conv1d_
 from .errors import ModelLoadError
+from .experts import unfuse_experts_
 
 # name -> (python package that carries the weights, file or folder inside it)
 EMBEDDED = {
@@ -164,6 +165,7 @@ def load_model(
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
         model = _load_weights(path, cls, config, kwargs)
         linearize_conv1d_(model)  # GPT-2's Conv1D as the nn.Linear it is (dense exports write Conv1D again)
+        unfuse_experts_(model)  # MoE: one linear per expert (dense exports fuse them again)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ModelLoadError:
         raise

@@ -146,9 +146,9 @@ def warn_fused_experts(model: nn.Module) -> None:
     share = sum(experts.values()) / max(sum(p.numel() for p in model.parameters()), 1)
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     warnings.warn(f"{kind}: {share:.0%} of the weights are fused MoE expert parameters ({next(iter(experts))}, "
-                  f"{len(experts)} tensors) that rankwise does not yet compress or adapt: they stay as they are; only "
-                  "the linear layers (attention, router excepted) are processed. rankwise quantize does quantize "
-                  "them, one expert at a time", stacklevel=3)
+                  f"{len(experts)} tensors) that no linear-layer target covers: they stay as they are. Call "
+                  "rankwise.unfuse_experts_(model) first (rankwise.load_model and quantize do) to make each expert's "
+                  "projections linear layers", stacklevel=3)
     object.__setattr__(model, "_rankwise_experts_warned", True)
 
 

@@ -51,6 +51,10 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
 
     try:  # a factored base (`rankwise compress`, or base/ of a run on an SVD base) needs its LoRA layer class
         config = register_compressed(PeftConfig.from_pretrained(str(adapter)), base)
+        if getattr(config, "target_parameters", None):  # LoRA on fused MoE experts: give peft the fused module
+            from ..experts import fuse_experts_
+
+            fuse_experts_(base)
         if getattr(base, "rankwise_conv1d", None):
             config.fan_in_fan_out = False  # written for GPT-2's Conv1D; rankwise's base has them as nn.Linear
         loaded = PeftModel.from_pretrained(base, str(adapter), config=config).eval()

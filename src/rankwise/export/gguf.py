@@ -172,16 +172,16 @@ def _unfused_expert_tensors(module: ExpertLinears, name: str, names, plain: T):
     """Experts as one linear per expert (quantize unfuses them), stacked into ffn_{gate,up,down}_exps [E, …]:
     each expert's codes as ggml blocks when every expert of the projection has the same block type, else
     the float weights in `plain` (with a warning naming why)."""
-    for part in ("gate_proj", "up_proj", "down_proj"):
+    for part, attr in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
         gname = names.get_name(f"{name}.{part}")
-        layers = [getattr(e, part) for e in module]
+        layers = [getattr(e, attr) for e in module]
         kinds = {block_type(q)[0] if isinstance(q, QuantLinear) else None for q in layers}
         if len(kinds) == 1 and None not in kinds:
             btype = kinds.pop()
             data = np.stack([pack_blocks(q.codes, q.scale, q.zero, btype) for q in layers])
         else:
             if any(isinstance(q, QuantLinear) for q in layers):
-                warnings.warn(f"{name}.*.{part} ({gname}): its experts have no single GGUF block type, so they are "
+                warnings.warn(f"{name}.*.{attr} ({gname}): its experts have no single GGUF block type, so they are "
                               f"dequantized and re-quantized to {plain.name} (not bit-exact)", stacklevel=4)
             data, btype = _float_tensor(torch.stack([q.weight.detach().float() for q in layers]), plain, f"{name}.{part}")
         yield f"{gname}.weight", data, btype

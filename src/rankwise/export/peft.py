@@ -62,6 +62,7 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
     if not hasattr(model, "peft_config"):
         raise ConfigError("format 'peft' needs a model returned by adapt_ (a PeftModel)")
     from ..cores import fold_cores_, has_cores
+    from .peft_experts import to_fused_experts
 
     out = Path(out_dir)
     meta = adapter_meta(model)
@@ -81,6 +82,9 @@ def export(model, out_dir: str | os.PathLike, format: str = "peft", plan: Plan |
         plan = plan or getattr(model, "rankwise_plan", None)
         if plan is not None and any(lp.residual for lp in plan.active().values()):
             meta["converted"] = to_original_base(tmp, plan)
+        experts = to_fused_experts(tmp, model.get_base_model())
+        if experts:
+            meta["experts"] = experts
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if plan is not None:
             plan.save(tmp / "plan.json")

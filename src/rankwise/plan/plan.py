@@ -126,7 +126,8 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
         raise PlanError(f"rank must be ≥ 1 (got {cfg.rank})")
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
     modules = dict(model.named_modules())
-    names = list(stats.order)
+    unrouted = [n for n in stats.order if n in stats.unrouted]  # MoE experts no calibration token reached
+    names = [n for n in stats.order if n not in stats.unrouted]
     # a compressed layer's .weight is computed on access (dequantized, or B·A): read per layer, never all kept
     shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
     too_small = [(n, min(shape)) for n, shape in shapes.items() if min(shape) < cfg.rank]
@@ -160,6 +161,9 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
             lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
             lp.core = None if li.core is None else li.core.detach().cpu()
         layers[n] = lp
+    for n in unrouted:  # nothing measured there: no adapter, said in the plan
+        layers[n] = LayerPlan(0, 0.0, modules[n].in_features, modules[n].out_features, [],
+                              note="MoE expert that no calibration token was routed to")
     resolved = cfg.model_dump() | {"alpha": alpha}
     return Plan(method, resolved, layers)
 
