@@ -126,6 +126,27 @@ def test_moe_experts_are_calibrated_per_expert(kind):
         assert stats.aliases.get(f"model.layers.0.mlp.experts.{e}.w_up") == name  # gate and up read one input
 
 
+def test_unrouted_experts_get_no_adapter():
+    """EVA on a MoE model whose block-1 router picks experts 0 and 1 only: every routed expert gets its LoRA, the
+    two idle ones rank 0 with a note, and the adapted model still computes what the model did."""
+    from rankwise.experts import unfuse_experts_
+
+    model = tiny("mixtral", MOE["mixtral"])
+    unfuse_experts_(model)
+    only = lambda m, a, out: (out[0], out[1], torch.arange(2).expand_as(out[2]))  # noqa: E731
+    model.model.layers[1].mlp.gate.register_forward_hook(only)
+    batches = make_batches(3, 3, 16)
+    ref = _logits(model, batches[0])
+    stats = rw.calibrate(model, batches, progress=False)
+    idle = {f"model.layers.1.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("w_gate", "w_up", "w_down")}
+    assert set(stats.unrouted) == idle
+    p = rw.plan(stats, model, method="eva", rank=4)
+    assert all(p.layers[n].rank == 0 and "no calibration token" in p.layers[n].note for n in idle)
+    # EVA's budget (rank × measured layers) is spent on the measured layers alone
+    assert sum(lp.rank for lp in p.layers.values()) == 4 * (len(p.layers) - len(idle))
+    assert _rel(_logits(rw.adapt_(model, p), batches[0]), ref) <= 1e-6
+
+
 @pytest.mark.parametrize("kind", list(MOE))
 def test_moe_experts_are_quantized_and_reload(kind, tmp_path):
     """GPTQ quantizes every expert (the router never); an expert no token reached is reported and left float;

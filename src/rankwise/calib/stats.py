@@ -157,9 +157,11 @@ class Stats:
         return name in self.order
 
     def groups(self) -> dict[str, list[str]]:
-        """canonical name -> all modules that share its input (canonical first)."""
+        """canonical name -> all modules that share its input (canonical first); unrouted experts left out."""
         out: dict[str, list[str]] = {}
         for name in self.order:
+            if name in self.unrouted:
+                continue
             out.setdefault(self.aliases.get(name, name), []).append(name)
         return out
 
