@@ -108,3 +108,27 @@ def test_every_model_type_is_known_to_transformers():
     for arch in FAMILIES:
         for t in arch.model_types:
             assert AutoConfig.for_model(t).model_type == t
+
+
+def test_a_model_without_blocks_goes_the_generic_way():
+    """No block list: blockwise calibration is refused naming the model and the way out; the default (auto) runs
+    the whole model; AWQ folding says once that this family has no table entry."""
+    from torch import nn
+
+    from rankwise.errors import CalibrationError
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(input_ids=None, attention_mask=None, **_):
+        return model(nn.functional.one_hot(input_ids % 8, 8).float())
+
+    batches = make_batches(2, 2, 6)
+    wrapped = nn.Module()
+    wrapped.net = model
+    wrapped.forward = forward
+    with pytest.raises(CalibrationError, match="Module: blockwise mode needs.*mode='whole'"):
+        calibrate(wrapped, batches, mode="blockwise", progress=False)
+    stats = calibrate(wrapped, batches, progress=False)
+    assert set(stats.layers) == {"net.0", "net.2"}
+    with pytest.warns(UserWarning, match="no entry for this family.*stay explicit"):
+        assert fold_source(wrapped, ["net.2"]) is None

@@ -189,7 +189,9 @@ def calibrate(
     device = next(model.parameters()).device
     blocks = find_blocks(model, names) if mode != "whole" else None
     if mode == "blockwise" and blocks is None:
-        raise CalibrationError("blockwise mode needs a model with a stack of blocks (nn.ModuleList) holding the targets")
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise CalibrationError(f"{kind}: blockwise mode needs a stack of blocks (an nn.ModuleList) holding the targets, "
+                               "and this model has none; use mode='whole' (one full forward pass per batch)")
     recorder = Recorder(model, names, observe)
     stats = Stats(order=names)
     stats.aliases = recorder.aliases  # live while calibrating, so a step can look groups up; copied at the end
