@@ -123,6 +123,8 @@ def test_moe_experts_are_calibrated_per_expert(kind):
     for e, n in enumerate(counts.tolist()):
         name = f"model.layers.0.mlp.experts.{e}.w_gate"
         assert (stats[name].n if n else 0) == n
+        if n:  # the down projection reads act(gate)·up of the same tokens, padding left out as well
+            assert stats[f"model.layers.0.mlp.experts.{e}.w_down"].n == n
         assert stats.aliases.get(f"model.layers.0.mlp.experts.{e}.w_up") == name  # gate and up read one input
 
 
@@ -145,6 +147,27 @@ def test_unrouted_experts_get_no_adapter():
     # EVA's budget (rank × measured layers) is spent on the measured layers alone
     assert sum(lp.rank for lp in p.layers.values()) == 4 * (len(p.layers) - len(idle))
     assert _rel(_logits(rw.adapt_(model, p), batches[0]), ref) <= 1e-6
+
+
+def test_an_expert_only_padding_reaches_counts_as_unrouted():
+    """Block 0's router sends every padded position to experts 2 and 3 and every real token to 0 and 1: experts 2
+    and 3 measure nothing (padding is masked out per expert), so they are unrouted, not a zero-token error."""
+    from rankwise.experts import unfuse_experts_
+
+    model = tiny("mixtral", MOE["mixtral"])
+    unfuse_experts_(model)
+    batches = make_batches(3, 3, 16)
+    masks = iter([b["attention_mask"].reshape(-1).bool() for b in batches])
+
+    def route(m, a, out):  # whole-model mode: block 0's router runs once per batch, in order
+        keep = next(masks)
+        pad = torch.tensor([2, 3]).expand_as(out[2])
+        return out[0], out[1], torch.where(keep[:, None], torch.arange(2).expand_as(out[2]), pad)
+
+    model.model.layers[0].mlp.gate.register_forward_hook(route)
+    stats = rw.calibrate(model, batches, mode="whole", progress=False)
+    idle = {f"model.layers.0.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("w_gate", "w_up", "w_down")}
+    assert set(stats.unrouted) == idle and not idle & set(stats.layers)
 
 
 @pytest.mark.parametrize("kind", list(MOE))

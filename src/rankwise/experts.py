@@ -28,7 +28,6 @@ class Expert(nn.Module):
 def _linear(w: Tensor) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     lin.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-    lin.rankwise_routed = True  # sees only the tokens routed to its expert, possibly none
     return lin
 
 
@@ -36,8 +35,8 @@ class ExpertLinears(nn.ModuleList):
     """The experts of one MoE block as a list of `Expert`s, called like transformers' fused experts module:
     (hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k]) → [tokens, H].
 
-    The input rows an expert reads carry `rankwise_rows` (their token positions in the flattened batch), so
-    calibration can leave padding out of each expert's statistics."""
+    The input rows of each expert's projections carry `rankwise_rows` (their token positions in the flattened
+    batch), so calibration can leave padding out of each expert's statistics."""
 
     rankwise_experts = True
 
@@ -61,7 +60,9 @@ class ExpertLinears(nn.ModuleList):
             x = hidden_states[token]
             x.rankwise_rows = token
             expert = self[e]
-            y = expert.w_down(self.act_fn(expert.w_gate(x)) * expert.w_up(x))
+            h = self.act_fn(expert.w_gate(x)) * expert.w_up(x)
+            h.rankwise_rows = token  # w_down's input rows are the same tokens
+            y = expert.w_down(h)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 

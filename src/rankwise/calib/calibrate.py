@@ -213,8 +213,14 @@ def calibrate(
     stats.aliases = dict(recorder.aliases)
     missing = [n for n in names if n not in stats.layers and n not in stats.aliases]
     modules = dict(model.named_modules())
-    stats.unrouted = [n for n in missing if getattr(modules[n], "rankwise_routed", False)]  # experts no token chose
-    missing = [n for n in missing if n not in stats.unrouted]
+    # layers inside an MoE expert (quantized or not) see only the tokens routed to it, possibly none
+    inside = tuple(f"{n}." for n, m in modules.items() if getattr(m, "rankwise_experts", False))
+    idle = {n for n in names if n.startswith(inside) and (n in missing or stats[n].n == 0)} if inside else set()
+    stats.unrouted = [n for n in names if n in idle]  # (an expert that only padding reached counts too)
+    for n in idle:
+        stats.layers.pop(n, None)
+        stats.aliases.pop(n, None)
+    missing = [n for n in missing if n not in idle]
     if missing:
         raise CalibrationError(f"these target modules were never called in the forward pass: {missing[:5]}")
     empty = [n for n, st in stats.layers.items() if st.n == 0]

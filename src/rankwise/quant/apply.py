@@ -230,7 +230,7 @@ def quant_step(model: nn.Module, quantizer, cfg: QuantConfig, report: QuantRepor
     call `q.cache_weight_(False)` on every quantized layer (as quantize does)."""
 
     def step(group_names: list[str], stats: Stats) -> None:
-        reached = [n for n in group_names if n in stats.layers or n in stats.aliases]
+        reached = [n for n in group_names if (n in stats.layers or n in stats.aliases) and stats[n].n > 0]
         report.unrouted += [n for n in group_names if n not in reached]  # an expert no token chose: left float
         group_names = reached
         for q in quantized_layers(model).values():  # earlier blocks have fed theirs: drop their float copies
