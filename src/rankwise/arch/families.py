@@ -1,6 +1,7 @@
 """The architecture table: one entry per model family (see spec.py for what each field means).
 
-Adding a family is one entry here plus a test (tests/test_families.py builds a tiny one of each).
+Adding a family is one entry here plus a test (tests/test_arch.py and tests/test_family_verbs.py build a tiny
+one of each).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ FAMILIES: tuple[Arch, ...] = (
                             ("add_residual_scale", "residual_multiplier"), ("add_logit_scale", "logits_scaling")))),
     Arch("gemma2", ("gemma2",), "layers", _GEMMA, norm_offset=1.0,
          # llama.cpp caps Gemma 2's logits at 50 / 30 unless told otherwise: no cap (None) is written as 1e6, under
-         # which tanh(x/c)·c = x to 1e-11 relative for the |x| < 100 of real logits.
+         # which tanh(x/c)·c = x to (x/c)²/3 ≈ 3e-9 relative for the |x| < 100 of real logits.
          gguf=Gguf("GEMMA2", act="gelu_pytorch_tanh",
                    hparams=(("add_attn_logit_softcapping", "attn_logit_softcapping", 1e6),
                             ("add_final_logit_softcapping", "final_logit_softcapping", 1e6),
