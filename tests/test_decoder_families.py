@@ -149,7 +149,7 @@ def test_unrouted_experts_get_no_adapter():
     assert _rel(_logits(rw.adapt_(model, p), batches[0]), ref) <= 1e-6
 
 
-def test_an_expert_only_padding_reaches_counts_as_unrouted():
+def test_an_expert_only_padding_reaches_counts_as_unrouted(tmp_path):
     """Block 0's router sends every padded position to experts 2 and 3 and every real token to 0 and 1: experts 2
     and 3 measure nothing (padding is masked out per expert), so they are unrouted, not a zero-token error."""
     from rankwise.experts import unfuse_experts_
@@ -168,6 +168,8 @@ def test_an_expert_only_padding_reaches_counts_as_unrouted():
     stats = rw.calibrate(model, batches, mode="whole", progress=False)
     idle = {f"model.layers.0.mlp.experts.{e}.{p}" for e in (2, 3) for p in ("w_gate", "w_up", "w_down")}
     assert set(stats.unrouted) == idle and not idle & set(stats.layers)
+    stats.save(tmp_path / "stats.safetensors")  # kept through save and load: a plan from the file skips them
+    assert rw.Stats.load(tmp_path / "stats.safetensors").unrouted == stats.unrouted
 
 
 @pytest.mark.parametrize("kind", list(MOE))

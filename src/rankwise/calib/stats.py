@@ -229,6 +229,7 @@ class Stats:
             "n": {k: v.n for k, v in self.layers.items()},
             "trace": {k: v.trace for k, v in self.layers.items()},
             "grad_count": self.grad_count,
+            "unrouted": self.unrouted,
         }
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent or ".")
@@ -259,4 +260,5 @@ class Stats:
             else:
                 layers[name] = LayerStats.from_raw(n, tensors[f"{name}::sum"], tensors.get(f"{name}::xtx"), **kw)
         grads = {k.removesuffix("::grad"): t for k, t in tensors.items() if k.endswith("::grad")}
-        return cls(layers, meta["aliases"], meta["order"], grads, int(meta.get("grad_count", 0)))
+        return cls(layers, meta["aliases"], meta["order"], grads, int(meta.get("grad_count", 0)),
+                   list(meta.get("unrouted", [])))
