@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quant.linear import set_module
+
 
 def _conv1d_type():
     from transformers.pytorch_utils import Conv1D
@@ -52,7 +54,7 @@ def linearize_conv1d_(model: nn.Module) -> list[str]:
         lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=w.requires_grad)
         if conv.bias is not None:
             lin.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
-        _set(model, name, lin)
+        set_module(model, name, lin)
     model.rankwise_conv1d = sorted(set(getattr(model, "rankwise_conv1d", [])) | set(names))
     return names
 
@@ -70,11 +72,7 @@ def restore_conv1d_(model: nn.Module) -> nn.Module:
         conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
         conv.bias = nn.Parameter(lin.bias.detach().clone() if lin.bias is not None
                                  else torch.zeros_like(conv.bias), requires_grad=False)
-        _set(model, name, conv)
+        set_module(model, name, conv)
     model.rankwise_conv1d = []
     return model
 
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import arch_of, block_of
+from .quant.linear import plain_linear, set_module
 
 
 class Expert(nn.Module):
@@ -22,13 +23,7 @@ class Expert(nn.Module):
 
     def __init__(self, gate: Tensor, up: Tensor, down: Tensor):
         super().__init__()
-        self.w_gate, self.w_up, self.w_down = (_linear(w) for w in (gate, up, down))
-
-
-def _linear(w: Tensor) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-    return lin
+        self.w_gate, self.w_up, self.w_down = (plain_linear(w.detach(), None) for w in (gate, up, down))
 
 
 class ExpertLinears(nn.ModuleList):
@@ -117,8 +112,7 @@ def unfuse_experts_(model: nn.Module) -> list[str]:
     fused = {n: m for n, m in _expert_modules(model, nn.Module).items()
              if isinstance(getattr(m, "gate_up_proj", None), Tensor) and m.gate_up_proj.ndim == 3}
     for name, module in fused.items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, ExpertLinears(module))
+        set_module(model, name, ExpertLinears(module))
     return list(fused)
 
 
@@ -126,6 +120,5 @@ def fuse_experts_(model: nn.Module) -> nn.Module:
     """Put transformers' fused experts back in place of every ExpertLinears (float weights: quantized experts
     must be dequantized first). Returns the model."""
     for name, module in _expert_modules(model, ExpertLinears).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, module.fused_module())
+        set_module(model, name, module.fused_module())
     return model

@@ -64,8 +64,9 @@ def check_model_type(model: nn.Module) -> None:
     kind = getattr(model.config, "model_type", type(model).__name__)
     family = arch_of(model)
     why = family.no_compressed_tensors if family is not None else None
-    if why is None and fused_experts(model):
-        why = f"fused MoE experts ({next(iter(fused_experts(model)))}) do not reload in transformers 5.23"
+    experts = fused_experts(model) if why is None else {}
+    if experts:
+        why = f"fused MoE experts ({next(iter(experts))}) do not reload in transformers 5.23"
     if why:
         raise QuantError(f"{kind}: a compressed-tensors checkpoint does not reload: {why}; use --format safetensors "
                          "(dequantized, reloads)")
