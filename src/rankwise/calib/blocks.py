@@ -84,22 +84,32 @@ class BlockRunner:
     `true_sequential` measures and steps the targets in the order their inputs are produced (q/k/v,
     then o_proj, …; modules reading one tensor together), one block pass per group, so later layers
     see earlier layers' transformed outputs.
+
+    A model loaded lazily (`model.rankwise_lazy`, rankwise.lazy) has each block read when the runner reaches
+    it and freed once it has passed, after `after_block(i, block)` (e.g. writing the block out).
+    `riders`: {key: (when, batches)}: batches carried through every block without being measured, "before"
+    or "after" the block's step (the model as it was, and as it becomes, in the same pass); at the end
+    `on_output(key, b, output)` receives the model's whole output for each (held-out perplexity, say).
     """
 
     def __init__(self, model, blocks: tuple[str, nn.ModuleList], names, recorder, stats, forward, done,
-                 step=None, true_sequential: bool = False, transforms: bool = True):
+                 step=None, true_sequential: bool = False, transforms: bool = True, after_block=None,
+                 riders: dict | None = None, on_output=None):
         self.model, (self.prefix, self.blocks) = model, blocks
         self.names, self.recorder, self.stats = list(names), recorder, stats
         self.forward, self.done = forward, done
         self.step, self.true_sequential = step, true_sequential
         self.transforms = step is not None and transforms  # a step that only reads needs no second block pass
+        self.lazy = getattr(model, "rankwise_lazy", None)
+        self.after_block, self.riders, self.on_output = after_block, dict(riders or {}), on_output
         n_blocks = len(self.blocks)
         self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
         in_blocks = {n for group in self.inside for n in group}
         self.outside = [n for n in names if n not in in_blocks]
 
-    def _forward_all(self, batches, masks, device, stand_in) -> None:
-        """Full forward passes with every block replaced by stand_in(i, b, args, kwargs)."""
+    def _forward_all(self, batches, masks, device, stand_in, outputs: list | None = None) -> None:
+        """Full forward passes with every block replaced by stand_in(i, b, args, kwargs); the model's outputs
+        go to `outputs` when given (a pass that runs to the end)."""
         originals = list(self.blocks)
         current = {"b": 0}
         for i, block in enumerate(originals):
@@ -109,7 +119,9 @@ class BlockRunner:
                 current["b"] = b
                 self.recorder.start_batch(masks[b], b)
                 try:
-                    self.forward(batch)
+                    out = self.forward(batch)
+                    if outputs is not None:
+                        outputs.append(out)
                 except _Stop:
                     pass
         finally:
@@ -179,12 +191,16 @@ class BlockRunner:
         left = [n for n in names if n not in seen]  # not called on the first batch
         return list(groups.values()) + ([left] if left else [])
 
-    def run(self, batches, masks, device, progress: bool) -> None:
+    def _block_name(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+    def _capture(self, batches, masks, device) -> tuple[list, list]:
+        """Pass 1 over `batches`: the model's prefix only (embeddings, masks, rotary tables); returns block 0's
+        inputs and each block's call arguments [block][batch]."""
         n_blocks, last = len(self.blocks), len(self.blocks) - 1
         hidden: list[Tensor | None] = [None] * len(batches)
         calls: list[list] = [[None] * len(batches) for _ in range(n_blocks)]
-
-        like: dict[int, object] = {}  # what block i returns, learned once from the real block
+        like: dict[type, object] = {}  # what a block returns, learned once per block class from a real block
 
         def capture(i, b, args, kwargs):
             h, rest, kw = _split_hidden(args, kwargs)
@@ -193,15 +209,60 @@ class BlockRunner:
                 hidden[b] = h
             if i == last:
                 raise _Stop
-            if i not in like:  # a model may unpack what a block returns (DeBERTa: states, attention)
-                like[i] = self.blocks[i].__dict__["_inner"](h, *rest, **kw)
-            return _shaped_like(like[i], h)
+            inner = self.blocks[i].__dict__["_inner"]
+            if type(inner) not in like:  # a model may unpack what a block returns (DeBERTa: states, attention)
+                like[type(inner)] = inner(h, *rest, **kw)
+            return _shaped_like(like[type(inner)], h)
 
-        # Pass 1: the model's prefix only (embeddings, masks, rotary tables); records each block's call.
-        self.recorder.active = set(self.outside)
+        # lazily loaded: the first block of each class is read for this pass (to learn what it returns)
+        firsts = {}
+        for i, block in enumerate(self.blocks):
+            firsts.setdefault(type(block), i)
+        if self.lazy is not None:
+            for i in firsts.values():
+                self.lazy.load(self._block_name(i))
         self._forward_all(batches, masks, device, capture)
+        if self.lazy is not None:
+            for i in firsts.values():
+                if i > 0:
+                    self.lazy.free(self._block_name(i))
         if any(c is None for row in calls for c in row):
             raise RuntimeError("blockwise calibration: the model did not call every block; use mode='whole'")
+        return hidden, calls
+
+    def _carry(self, when: str, i: int, block, riding: dict, bar) -> None:
+        """Riders of this phase ("before"/"after" the step) through block i, unmeasured."""
+        active, self.recorder.active = self.recorder.active, set()
+        for key, (w, batches) in self.riders.items():
+            if w == when:
+                hidden, calls, final = riding[key]
+                masks = [torch.ones(b["input_ids"].shape, dtype=torch.bool) for b in batches]
+                self._propagate(block, hidden, calls[i], masks, final if i == len(self.blocks) - 1 else None, bar)
+                calls[i] = None
+        self.recorder.active = active
+
+    def _deliver(self, device, riding: dict) -> None:
+        """The riders' whole model outputs, replayed from their last block's outputs, to on_output."""
+        self.recorder.active = set()
+        for key, (_, batches) in self.riders.items():
+            final = riding[key][2]
+            masks = [torch.ones(b["input_ids"].shape, dtype=torch.bool) for b in batches]
+            outputs: list = []
+            self._forward_all(batches, masks, device, lambda i, b, a, k: final[b], outputs)
+            for b, out in enumerate(outputs):
+                self.on_output(key, b, out)
+            final.clear()
+
+    def run(self, batches, masks, device, progress: bool) -> None:
+        n_blocks, last = len(self.blocks), len(self.blocks) - 1
+        # Pass 1: the model's prefix only (embeddings, masks, rotary tables); records each block's call.
+        self.recorder.active = set()
+        riding = {}
+        for key, (when, rider_batches) in self.riders.items():
+            ones = [torch.ones(b["input_ids"].shape, dtype=torch.bool) for b in rider_batches]
+            riding[key] = (*self._capture(rider_batches, ones, device), [None] * len(rider_batches))
+        self.recorder.active = set(self.outside)
+        hidden, calls = self._capture(batches, masks, device)
         self.done()
         if self.step is not None and self.recorder.active:
             before = [n for n in self.outside if n in self.stats.layers or n in self.recorder.aliases]
@@ -209,9 +270,13 @@ class BlockRunner:
                 self.step(before, self.stats)
 
         final: list = [None] * len(batches)
-        bar = progress_bar(total=n_blocks * len(batches), disable=not progress, leave=False, unit="batch")
+        per_block = len(batches) + sum(len(b) for _, b in self.riders.values())
+        bar = progress_bar(total=n_blocks * per_block, disable=not progress, leave=False, unit="batch")
         for i, block in enumerate(self.blocks):
             bar.set_description(f"calibrate block {i + 1}/{n_blocks}")
+            if self.lazy is not None:
+                self.lazy.load(self._block_name(i))
+            self._carry("before", i, block, riding, bar)
             if self.transforms:
                 for group in self._phases(block, hidden[0], calls[i][0], self.inside[i]):
                     self.recorder.active = set(group)
@@ -226,7 +291,14 @@ class BlockRunner:
                 self.done()
                 if self.step is not None and self.inside[i]:
                     self.step(list(self.inside[i]), self.stats)
+            self._carry("after", i, block, riding, bar)
+            if self.after_block is not None:
+                self.after_block(i, block)
+            if self.lazy is not None:
+                self.lazy.free(self._block_name(i))
         bar.close()
+        if self.riders:
+            self._deliver(device, riding)
 
         # Pass 3, only for targets after the blocks (e.g. a pooler): replay the last block's outputs.
         tail = [n for n in self.outside if n not in self.stats.layers and n not in self.recorder.aliases]

@@ -165,6 +165,9 @@ def calibrate(
     step=None,
     true_sequential: bool = False,
     transforms: bool = True,
+    after_block=None,
+    riders: dict | None = None,
+    on_output=None,
 ) -> Stats:
     """Measure n, Σx and XᵀX of every target's inputs over `batches` (no weight is touched).
 
@@ -179,6 +182,8 @@ def calibrate(
     then run again, so the next block's inputs are what the transformed block computes (true_sequential:
     the same within a block, see BlockRunner). In whole-model mode step sees every target at the end.
     transforms=False: step only reads the statistics (and may free them), so each block runs once.
+    after_block, riders, on_output: see BlockRunner (blockwise only): a lazily loaded model (rankwise.lazy) is
+    read one block at a time, and must run blockwise.
     """
     if mode not in MODES:
         raise CalibrationError(f"mode {mode!r} is not one of {MODES}")
@@ -186,8 +191,13 @@ def calibrate(
     masks = _check_batches(batches, use_label_mask)
     if dist.sharded(model):
         dist.same_count(len(batches), "calibration batches")
-    device = next(model.parameters()).device
+    device = next(p for p in model.parameters() if not p.is_meta).device
     blocks = find_blocks(model, names) if mode != "whole" else None
+    lazy = getattr(model, "rankwise_lazy", None) is not None
+    if lazy and blocks is None:
+        raise CalibrationError("a model loaded block by block (lazy) needs its block stack among the targets' parents")
+    if (riders or after_block) and blocks is None:
+        raise CalibrationError("riders and after_block need blockwise mode")
     if mode == "blockwise" and blocks is None:
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise CalibrationError(f"{kind}: blockwise mode needs a stack of blocks (an nn.ModuleList) holding the targets, "
@@ -206,7 +216,8 @@ def calibrate(
             else:
                 BlockRunner(model, blocks, names, recorder, stats, forward=lambda b: _forward(model, b, device),
                             done=lambda: finish(recorder, stats, list(recorder.acc), keep),
-                            step=step, true_sequential=true_sequential, transforms=transforms).run(batches, masks, device, progress)
+                            step=step, true_sequential=true_sequential, transforms=transforms, after_block=after_block,
+                            riders=riders, on_output=on_output).run(batches, masks, device, progress)
     finally:
         recorder.remove()
         model.train(was_training)

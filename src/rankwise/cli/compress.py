@@ -44,6 +44,7 @@ class CompressJob(StrictModel):
     eval_data: str = "pydoc"
     eval_tokens: int = Field(2048, ge=0)
     device: str = "cpu"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the model's compute dtype; auto: the checkpoint's own
     out: Path = Path("runs/compress")
     options: dict = {}
     fields: Fields = Fields()  # which record fields hold the calibration text
@@ -122,12 +123,15 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     progress, log = (progress, log) if main else (False, lambda *a, **k: None)
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
-        model, tok, job = load_for_export(job, device, log)
+        stream = job.method in SVD_METHODS and not job.recover_steps and not dist.active()  # (recovery trains it whole)
+        model, tok, job = load_for_export(job, device, log, lazy=stream)
         batches = dist.shard(load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
                             fields=job.fields),
                              "calibration batches (--n-samples / --batch-size)")
         causal = getattr(model, "rankwise_task", "causal-lm") == "causal-lm"
         held_out = HeldOut(model, tok, job if main else job.model_copy(update={"eval_tokens": 0}), log)
+    if getattr(model, "rankwise_lazy", None) is not None:
+        return _run_streamed(model, tok, batches, held_out, job, verb, opts, progress, t0)
     t1 = time.perf_counter()
     before = held_out(model)
     t2 = time.perf_counter()
@@ -150,6 +154,45 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     return _finish(model, tok, job, report, held_out.summary(before, after), recovery, (t0, t1, t2, t3, t4))
 
 
+def _run_streamed(model, tok, batches, held_out: HeldOut, job: CompressJob, verb, opts: dict, progress: bool,
+                  t0: float) -> dict:
+    """SVD methods on a model read one block at a time (rankwise.lazy): each compressed block written to model/
+    (factored) and merged/ (dense) as it is done, the held-out windows carried through the same pass."""
+    from ..export.stream import StreamWriter
+
+    t1 = time.perf_counter()
+    lazy = model.rankwise_lazy
+    riders, sums = held_out.riders()
+    n_blocks = len(model.get_submodule(lazy.blocks))
+    writers = [StreamWriter(job.out / "model", model, lazy.blocks, n_blocks, "factored", method=job.method),
+               StreamWriter(job.out / "merged", model, lazy.blocks, n_blocks, "safetensors")]
+
+    def after_block(i, block):
+        for w in writers:
+            w.block(i, block)
+
+    def on_output(key, b, out):
+        sums[key].add(out.logits, riders[key][1][b]["labels"])
+
+    try:
+        report = verb(model, batches, progress=progress, after_block=after_block, riders=riders, on_output=on_output,
+                      **opts)
+        t3 = time.perf_counter()
+        written = {"model": str(writers[0].finish(model, tok)), "merged": str(writers[1].finish(model, tok))}
+    except BaseException:
+        for w in reversed(writers):  # the first made the output folder: it removes it last
+            w.abort()
+        raise
+    before, after = (sums[k].result()["perplexity"] if sums else None for k in ("before", "after"))
+    seconds = {"load": t1 - t0, "compress": t3 - t1, "eval": 0.0, "export": time.perf_counter() - t3}
+    summary = {"kind": "svd", **report.to_dict(), "job": json.loads(job.model_dump_json()), "written": written,
+               "seconds_total": seconds, "dtype": model.rankwise_dtype, "streamed": True,
+               **held_out.summary(before, after)}
+    write_text(job.out / "report.json", json.dumps(summary, indent=1))
+    write_compress_report(job.out, summary)
+    return summary
+
+
 def _finish(model, tok, job: CompressJob, report, measured: dict, recovery, times) -> dict:
     """Rank 0: export the compressed model (and merged/ for SVD), report.json and report.md."""
     from ..export import export_model
@@ -165,7 +208,7 @@ def _finish(model, tok, job: CompressJob, report, measured: dict, recovery, time
     seconds = {"load": t1 - t0, "compress": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
     summary = {"kind": "svd" if job.method in SVD_METHODS else "plan", **report.to_dict(),
                "job": json.loads(job.model_dump_json()), "written": written, "seconds_total": seconds,
-               **measured}
+               "dtype": model.rankwise_dtype, **measured}
     if recovery is not None:
         summary["recovery"] = recovery
         summary["perplexity"]["recovered"] = recovery["perplexity"]
@@ -253,7 +296,8 @@ def _size_plot(out: Path, s: dict) -> str:
 
 def write_compress_report(out: Path, s: dict) -> None:
     job, layers = s["job"], s["layers"]
-    lines = [f"# rankwise compress: {job['method']} on {job['model']}", ""]
+    lines = [f"# rankwise compress: {job['method']} on {job['model']}", "",
+             f"Model computed in {s.get('dtype', 'float32')}.", ""]
     if s["kind"] == "svd":
         p = s["params"]
         lines += [f"{len(layers)} linears: {p['after']:,} of {p['before']:,} parameters kept ({p['ratio']:.1%}); "

@@ -29,7 +29,8 @@ def adapter_base(adapter: Path) -> str:
     return base
 
 
-def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto", labels: list[str] | None = None):
+def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto", labels: list[str] | None = None,
+                      dtype: str = "auto"):
     """(model, tokenizer): the base model, with the peft adapter in `adapter` applied if given.
 
     With an adapter, its rankwise.json decides the task and class names (a classification adapter
@@ -39,12 +40,13 @@ def load_with_adapter(model: str | None, adapter: Path | None, task: str = "auto
     from ..models import load_model
 
     if adapter is None:
-        return load_model(model, task=task, labels=labels)
+        return load_model(model, task=task, labels=labels, dtype=dtype)
     _adapter_config(adapter)
     meta = read_adapter_meta(adapter)
     task = meta.get("task", task)
     labels = meta.get("labels") or labels
-    base, tok = load_model(model or adapter_base(adapter), task=task, labels=labels if task == "seq-cls" else None)
+    base, tok = load_model(model or adapter_base(adapter), task=task, labels=labels if task == "seq-cls" else None,
+                           dtype=dtype)
     from peft import PeftConfig, PeftModel
 
     from ..peft_layers import register_compressed
@@ -98,7 +100,8 @@ def eval_labels(model: str | None, adapter: Path | None, data: str, label_field:
 
 
 def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, seq_len: int = 256, stride: int = 128,
-             limit: int | None = None, fields: Fields | None = None, max_new_tokens: int = 256) -> dict:
+             limit: int | None = None, fields: Fields | None = None, max_new_tokens: int = 256,
+             dtype: str = "auto") -> dict:
     """One metric of model (+ adapter) on `data`; returns {"metric", ...its values}."""
     from ..data.sources import batchify, check_source, is_plain_text, read_examples, read_stream
     from ..models import fit_seq_len
@@ -114,11 +117,11 @@ def run_eval(model: str | None, adapter: Path | None, data: str, metric: str, se
         raise DataError(f"{data}: {metric} needs records (.jsonl/.json/.csv/.tsv), not plain text")
     if metric == "accuracy":
         names = eval_labels(model, adapter, data, fields.label_field)
-        m, tok = load_with_adapter(model, adapter, task="seq-cls", labels=names)
+        m, tok = load_with_adapter(model, adapter, task="seq-cls", labels=names, dtype=dtype)
         seq_len = fit_seq_len(m, seq_len, log=lambda s: print(s, file=sys.stderr))
         ds = read_examples(data, tok, "seq-cls", seq_len, None, 0.1, fields, names)
         return {"metric": metric, **accuracy(m, batchify(ds.examples[:limit], tok, 16)), "labels": names}
-    m, tok = load_with_adapter(model, adapter, task="causal-lm")
+    m, tok = load_with_adapter(model, adapter, task="causal-lm", dtype=dtype)
     seq_len = fit_seq_len(m, seq_len, log=lambda s: print(s, file=sys.stderr))  # stdout holds the one JSON line
     stride = min(stride, seq_len)
     if metric == "perplexity":

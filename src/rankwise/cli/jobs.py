@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+
+import torch
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -27,6 +31,7 @@ class InitJob(StrictModel):
     batch_size: int = Field(4, ge=1)
     use_label_mask: bool = True
     device: str = "cpu"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the model's compute dtype; auto: the checkpoint's own
     out: Path = Path("runs/init")
     save_stats: bool = False
     options: dict = {}  # the method's own keys (e.g. {"niter": 4} for pissa), validated by its config
@@ -38,6 +43,10 @@ def _note(message: str) -> None:
 
 def run_init(job: InitJob, progress: bool = True) -> dict:
     """Run the init job; returns {"plan", "model", "out", "tokens", "seconds": {...}} after writing job.out.
+
+    The model is read one block at a time where the checkpoint allows (rankwise.lazy); the "model" returned
+    is then a PeftModel whose base holds no weights (`model.get_base_model().rankwise_hollow`): load the
+    adapter on the base to compute with it.
 
     Under torchrun the calibration batches are shared out, the statistics summed, the plan checked equal on
     every rank, and rank 0 writes job.out."""
@@ -62,7 +71,10 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     keep = "full" if job.save_stats else keep_for([job.method], job.rank, job.rho)
     needs_grad = grads_for([job.method])
     with dist.together("loading the model and the data"):
-        model, tok = load_model_on(job.model, device)
+        # one block in memory (rankwise.lazy) unless a backward pass over the whole model is needed
+        lazy = not needs_grad and not dist.active()
+        model, tok = load_model_on(job.model, device, job.dtype, lazy, _note if lazy else None)
+        lazy = getattr(model, "rankwise_lazy", None)
         if keep is not None or needs_grad:  # data-free methods skip calibration entirely
             seq_len = fit_seq_len(model, job.seq_len, _note if dist.is_main() else (lambda *a: None))
             batches = load_data(job.data, tok, seq_len=seq_len, n=job.n_samples, batch_size=job.batch_size)
@@ -83,6 +95,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     if dist.active():
         tokens = int(dist.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64)).item())
     p = dist.agree(p, p.fingerprint(), "the plan")
+    if lazy is not None:  # the adapter is written from the plan alone: the base needs no memory behind it
+        lazy.hollow()
     peft_model = adapt_(model, p)
     t3 = time.perf_counter()
     out = Path(job.out)
@@ -90,23 +104,44 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
         out = export(peft_model, job.out, plan=p)
         if job.save_stats:
             stats.save(out / "stats.safetensors")
-    return {"plan": p, "model": peft_model, "out": out, "tokens": tokens,
+    return {"plan": p, "model": peft_model, "out": out, "tokens": tokens, "dtype": model.rankwise_dtype,
             "seconds": {"load": t1 - t0, "calibrate": t2 - t1, "plan_adapt": t3 - t2, "export": time.perf_counter() - t3}}
 
 
-def load_model_on(name: str, device: str):
+def load_model_on(name: str, device: str, dtype: str = "auto", lazy: bool = False, log=None):
+    """(model, tokenizer) on `device`; lazy: blocks left unread where the checkpoint allows (rankwise.lazy),
+    for a causal LM, whose work runs block by block from start to end."""
     from ..models import load_model
 
-    model, tok = load_model(name)
+    model, tok = load_model(name, dtype=dtype, lazy=lazy, log=log)
+    lazy = getattr(model, "rankwise_lazy", None)
+    if lazy is not None:
+        if model.rankwise_task != "causal-lm":  # an encoder's held-out measure runs it whole: read it all now
+            lazy.load("")
+            model.rankwise_lazy = None
+        else:
+            lazy.device = torch.device(device)
+            return _move_loaded(model, device), tok
     return model.to(device), tok
 
 
-def load_for_export(job, device: str, log):
-    """(model, tokenizer, job) for quantize/compress: the model on `device`, job.seq_len fitted to its
-    position table, and a format that could not hold this model refused now, before any work."""
+def _move_loaded(model, device: str):
+    """Move the tensors already read to `device` (those still on meta stay there until their block is read)."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for k, t in store.items():
+                if t is not None and not t.is_meta and t.device != torch.device(device):
+                    store[k] = t.to(device) if not isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(
+                        t.to(device), requires_grad=t.requires_grad)
+    return model
+
+
+def load_for_export(job, device: str, log, lazy: bool = False):
+    """(model, tokenizer, job) for quantize/compress: the model on `device` (lazy: see load_model_on), job.seq_len
+    fitted to its position table, and a format that could not hold this model refused now, before any work."""
     from ..models import fit_seq_len
 
-    model, tok = load_model_on(job.model, device)
+    model, tok = load_model_on(job.model, device, job.dtype, lazy, log)
     job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
     if job.format == "compressed-tensors":
         from ..export.compressed_tensors import check_model_type

@@ -15,6 +15,7 @@ from ..data.formats import Fields
 from ..errors import ConfigError
 
 FORMAT_PATHS = {"safetensors": "model", "compressed-tensors": "model", "gguf": "model.gguf"}
+STREAM_FORMATS = ("safetensors", "compressed-tensors")  # written block by block (export/stream.py)
 
 
 class QuantJob(StrictModel):
@@ -32,6 +33,7 @@ class QuantJob(StrictModel):
     eval_data: str = "pydoc"
     eval_tokens: int = Field(2048, ge=0)
     device: str = "cpu"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the model's compute dtype; auto: the checkpoint's own
     out: Path = Path("runs/quantize")
     options: dict = {}  # the method's own keys, validated by its config
     fields: Fields = Fields()  # which record fields hold the calibration text
@@ -67,6 +69,16 @@ class HeldOut:
             self.reference = sentence_embeddings(model, self.batches)  # the float model, before compression
             log(f"held-out measure: embedding cosine to the float model ({len(self.reference)} texts of "
                 f"`{job.eval_data}`; the model has no language-model head)")
+
+    def riders(self) -> tuple[dict, dict]:
+        """For a model read block by block (one pass, never whole): the held-out windows as calibrate's riders,
+        "before" and "after" each block's step, and their NllSums (filled by on_output)."""
+        from ..train.evaluate import NllSum, window_batches
+
+        if self.metric != "perplexity":
+            return {}, {}
+        batches = window_batches(self.stream, self.job.seq_len, self.job.seq_len // 2, 4)
+        return {k: (k, batches) for k in ("before", "after")}, {"before": NllSum(), "after": NllSum()}
 
     def __call__(self, model) -> float | None:
         if self.metric == "perplexity":
@@ -130,13 +142,15 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     progress = progress and main
     t0 = time.perf_counter()
     with dist.together("loading the model and the data"):
-        model, tok, job = load_for_export(job, device, log)
+        model, tok, job = load_for_export(job, device, log, lazy=job.format in STREAM_FORMATS and not dist.active())
         batches = load_data(job.data, tok, seq_len=job.seq_len, n=job.n_samples, batch_size=job.batch_size,
                             fields=job.fields) \
             if quantizer.observe else None
         if batches is not None:
             batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
         held_out = HeldOut(model, tok, job if main else job.model_copy(update={"eval_tokens": 0}), log)
+    if getattr(model, "rankwise_lazy", None) is not None:
+        return _run_streamed(model, tok, batches, held_out, job, options, progress, log, t0)
     t1 = time.perf_counter()  # the held-out text is read and tokenized once, scored before and after (rank 0)
     before = held_out(model)
     t2 = time.perf_counter()
@@ -151,6 +165,40 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     return _finish(model, tok, held_out, report, job, before, (t0, t1, t2, t3))
 
 
+def _run_streamed(model, tok, batches, held_out: HeldOut, job: QuantJob, options: dict, progress: bool, log,
+                  t0: float) -> dict:
+    """The model read and written one block at a time (rankwise.lazy, export/stream.py): each block quantized
+    and written as it is done; the held-out windows ride through the same pass, before and after each block's
+    step, so the model is never whole in memory."""
+    from ..export.stream import StreamWriter
+    from ..quant import quantize
+
+    t1 = time.perf_counter()
+    lazy = model.rankwise_lazy
+    riders, sums = held_out.riders()
+
+    def on_output(key, b, out):
+        sums[key].add(out.logits, riders[key][1][b]["labels"])
+
+    written_to = job.out / FORMAT_PATHS[job.format]
+    writer = StreamWriter(written_to, model, lazy.blocks, len(model.get_submodule(lazy.blocks)), job.format)
+    try:
+        report = quantize(model, batches, job.method, progress=progress, after_block=writer.block, riders=riders,
+                          on_output=on_output, **options)
+        t3 = time.perf_counter()
+        written = writer.finish(model, tok)
+    except BaseException:
+        writer.abort()
+        raise
+    before, after = (sums[k].result()["perplexity"] if sums else None for k in ("before", "after"))
+    seconds = {"load": t1 - t0, "quantize": t3 - t1, "eval": 0.0, "export": time.perf_counter() - t3}
+    summary = {**report.to_dict(), "job": json.loads(job.model_dump_json()), "written": str(written),
+               "dtype": model.rankwise_dtype, "streamed": True, "seconds": seconds, **held_out.summary(before, after)}
+    write_text(job.out / "report.json", json.dumps(summary, indent=1))
+    write_quant_report(job.out, summary)
+    return summary
+
+
 def _finish(model, tok, held_out: HeldOut, report, job: QuantJob, before: float | None, times: tuple) -> dict:
     """Rank 0: the held-out measure after quantizing, export, report.json and report.md."""
     from ..export import export_model
@@ -161,6 +209,7 @@ def _finish(model, tok, held_out: HeldOut, report, job: QuantJob, before: float 
     written = export_model(model, job.out / FORMAT_PATHS[job.format], job.format, tokenizer=tok)
     seconds = {"load": t1 - t0, "quantize": t3 - t2, "eval": (t2 - t1) + (t4 - t3), "export": time.perf_counter() - t4}
     summary = {**report.to_dict(), "job": json.loads(job.model_dump_json()), "written": str(written),
+               "dtype": model.rankwise_dtype,
                "seconds": seconds, **held_out.summary(before, after)}
     write_text(job.out / "report.json", json.dumps(summary, indent=1))
     write_quant_report(job.out, summary)
@@ -193,7 +242,7 @@ def write_quant_report(out: Path, s: dict) -> None:
     lines = [f"# rankwise quantize: {s['method']} on {job['model']}", "",
              f"{cfg['bits']}-bit, group {cfg['group_size'] or 'per channel'}, "
              f"{'symmetric' if cfg['symmetric'] else 'asymmetric'}; {len(layers)} layers, {mean_bits:.2f} bits per "
-             f"weight with scales; calibrated on {s['tokens']} tokens of `{job['data']}`; quantized in "
+             f"weight with scales; model computed in {s.get('dtype', 'float32')}; calibrated on {s['tokens']} tokens of `{job['data']}`; quantized in "
              f"{s['seconds']['quantize']:.1f} s. Written: `{Path(s['written']).name}` ({job['format']}).", ""]
     if s.get("unrouted"):
         lines += [f"{len(s['unrouted'])} MoE expert layer(s) received no calibration token and stay float: "

@@ -79,6 +79,7 @@ class RunConfig(StrictModel):
     model: str = "smollm2"
     task: Literal["causal-lm", "seq-cls"] = "causal-lm"
     device: str = "cpu"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the frozen base's dtype (auto: the checkpoint's own); adapters train in float32
     out: Path = Path("runs/demo")
     merge: bool = True  # also write merged/ (base + adapter folded in, loadable without peft)
     data: DataConfig = DataConfig()
@@ -217,8 +218,9 @@ def run_train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
             write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     with dist.together("loading the model and the data"):
         torch.manual_seed(cfg.train.seed)
-        model, tok = load_model(cfg.model, task=cfg.task, labels=labels)
+        model, tok = load_model(cfg.model, task=cfg.task, labels=labels, dtype=cfg.dtype)
         model.to(device)
+        log(f"model: {cfg.model} in {model.rankwise_dtype}" + ("" if model.rankwise_dtype == "float32" else " (adapters and optimizer state in float32)"))
         cfg.data.seq_len = fit_seq_len(model, cfg.data.seq_len, log)
         cfg.eval.window = min(cfg.eval.window, usable_length(model) or cfg.eval.window)
         train_ds, eval_ds = load_dataset(cfg.data, tok, cfg.task)
@@ -335,7 +337,7 @@ def _export_compressed(model, tok, eval_ds: Dataset, cfg: RunConfig, out: Path, 
     if quantized_layers(model.get_base_model()):
         folder, errors = export_requantized(model, out / "requantized", tok)
         labels = list(model.config.id2label.values()) if cfg.task == "seq-cls" else None
-        again = held_out_metrics(load_model(folder, task=cfg.task, labels=labels)[0], tok, eval_ds, cfg)
+        again = held_out_metrics(load_model(folder, task=cfg.task, labels=labels, dtype=cfg.dtype)[0], tok, eval_ds, cfg)
         info["requantized"] = {"folder": str(folder), "after": again,
                                "weight_error_mean": sum(errors.values()) / len(errors),
                                "weight_error_max": max(errors.values())}

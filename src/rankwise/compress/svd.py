@@ -215,10 +215,13 @@ def plan_ranks(model: nn.Module, batches, cfg: SVDConfig, progress: bool = True)
     return ranks, {n: o.error for n, o in chosen.items()}
 
 
-def compress(model: nn.Module, batches, method: str = "svd-llm", *, progress: bool = True, **options) -> CompressReport:
+def compress(model: nn.Module, batches, method: str = "svd-llm", *, progress: bool = True, after_block=None,
+             riders: dict | None = None, on_output=None, **options) -> CompressReport:
     """Compress `model` in place: targeted linears become LowRankLinear (see the module docstring).
 
     options: SVDConfig's keys (ratio=0.8, rank=…, allocation=…). Returns the per-layer ranks and errors.
+    after_block, riders, on_output: calibrate's, for the pass that applies the ranks (a lazily loaded model
+    written block by block, held-out batches carried through it).
     """
     cfg = SVDConfig.build(where=f"compress {method}", method=method, **options)
     if not batches:
@@ -246,7 +249,8 @@ def compress(model: nn.Module, batches, method: str = "svd-llm", *, progress: bo
             if n in stats.layers:
                 stats.layers[n].m2 = None
 
-    stats = calibrate(model, batches, list(ranks), observe=observe(cfg), step=step, progress=progress, use_label_mask=False)
+    stats = calibrate(model, batches, list(ranks), observe=observe(cfg), step=step, progress=progress, use_label_mask=False,
+                      after_block=after_block, riders=riders, on_output=on_output)
     report.seconds = {"plan": t1 - t0, "apply": time.perf_counter() - t1}
     report.tokens = max(st.n for st in stats.layers.values())
     return report

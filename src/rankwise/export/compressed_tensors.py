@@ -23,22 +23,24 @@ from ..quant.linear import QuantLinear, dequantize_, quantized_layers
 from .check import check_reloadable
 
 
-def _scheme_key(q: QuantLinear) -> tuple:
+def scheme_key(q: QuantLinear) -> tuple:
+    """(bits, group_size, symmetric): what decides a layer's compressed-tensors scheme."""
     return (q.grid.bits, q.grid.group_size, q.grid.symmetric)
 
 
-def _quantization_config(layers: dict[str, QuantLinear]):
+def quantization_config(schemes: dict[str, tuple]):
+    """compressed-tensors' QuantizationConfig for {layer name: scheme_key}."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
-    for name, q in layers.items():
-        groups.setdefault(_scheme_key(q), []).append(name)
+    for name, key in schemes.items():
+        groups.setdefault(key, []).append(name)
     config_groups = {}
     for i, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
                                 strategy="channel" if group_size is None else "group", group_size=group_size)
         config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args)
-    return QuantizationConfig(config_groups=config_groups, format=_format(layers))
+    return QuantizationConfig(config_groups=config_groups, format=compression_format([k[2] for k in schemes.values()], warn=False))
 
 
 ASYMMETRIC_NOTE = ("asymmetric grids are written int-quantized, one int8 per code (not packed): compressed-tensors "
@@ -47,11 +49,12 @@ ASYMMETRIC_NOTE = ("asymmetric grids are written int-quantized, one int8 per cod
                    "--symmetric for a packed checkpoint")
 
 
-def _format(layers: dict[str, QuantLinear]) -> str:
+def compression_format(symmetric: list[bool], warn: bool = True) -> str:
     """pack-quantized (int32 words of codes); int-quantized when a grid is asymmetric (ASYMMETRIC_NOTE)."""
-    if all(q.grid.symmetric for q in layers.values()):
+    if all(symmetric):
         return "pack-quantized"
-    warnings.warn(f"compressed-tensors: {ASYMMETRIC_NOTE}", stacklevel=3)
+    if warn:
+        warnings.warn(f"compressed-tensors: {ASYMMETRIC_NOTE}", stacklevel=3)
     return "int-quantized"
 
 
@@ -83,19 +86,14 @@ def _check_exportable(layers: dict[str, QuantLinear]) -> None:
 
 
 @torch.no_grad()
-def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write `model` (with QuantLinear layers) as a compressed-tensors pack-quantized folder; returns it."""
+def compress_(plain: nn.Module, layers: dict[str, QuantLinear], warn: bool = True):
+    """Turn `plain` (float32, the quantized layers dequantized; a whole model or one block, `layers` named
+    relative to it) into its compressed-tensors form in place; returns the ModelCompressor."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+    from compressed_tensors.quantization import apply_quantization_config
 
-    check_model_type(model)
-    layers = quantized_layers(model)
-    _check_exportable(layers)
-    # Exact weights (q − z)·s as nn.Linear, in float32: compressed-tensors gives the scales the weight's
-    # dtype and re-derives the codes as round(W/s + z′), which bfloat16 weights and scales would not keep.
-    plain = dequantize_(copy.deepcopy(model)).float()
-    check_reloadable(plain, f"compressed-tensors export to {out_dir}")
-    qconfig = _quantization_config(layers)
+    qconfig = quantization_config({n: scheme_key(q) for n, q in layers.items()})
+    qconfig.format = compression_format([q.grid.symmetric for q in layers.values()], warn)
     apply_quantization_config(plain, qconfig)
     for name, q in layers.items():
         mod = plain.get_submodule(name)
@@ -104,9 +102,33 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         mod.weight_scale.data = q.scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
         zp = (q.zero.to(torch.int32) - half).reshape(mod.weight_zero_point.shape)
         mod.weight_zero_point.data = zp.to(mod.weight_zero_point.dtype)
-        mod.quantization_status = QuantizationStatus.FROZEN
+    freeze_(plain)
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=qconfig.format)
     compressor.compress_model(plain)
+    return compressor
+
+
+def freeze_(model: nn.Module) -> None:
+    """Mark every module with a quantization scheme frozen (what ModelCompressor expects before compressing)."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    for m in model.modules():
+        if getattr(m, "quantization_scheme", None) is not None:
+            m.quantization_status = QuantizationStatus.FROZEN
+
+
+@torch.no_grad()
+def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` (with QuantLinear layers) as a compressed-tensors pack-quantized folder; returns it."""
+
+    check_model_type(model)
+    layers = quantized_layers(model)
+    _check_exportable(layers)
+    # Exact weights (q − z)·s as nn.Linear, in float32: compressed-tensors gives the scales the weight's
+    # dtype and re-derives the codes as round(W/s + z′), which bfloat16 weights and scales would not keep.
+    plain = dequantize_(copy.deepcopy(model)).float()
+    check_reloadable(plain, f"compressed-tensors export to {out_dir}")
+    compressor = compress_(plain, layers)
     out = Path(out_dir)
     with staging_dir(out) as tmp:
         plain.save_pretrained(tmp)
@@ -145,24 +167,27 @@ def load_compensated(ckpt: str | os.PathLike, cls=None):
 def export_compensation(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """The layers' low-rank compensations B·A as a peft LoRA adapter (scaling 1) for the quantized checkpoint:
     `load_compensated(ckpt)` (in this module) loads both."""
-    from peft import LoraConfig, get_peft_model
+    return write_compensation({n: (q.lora_a, q.lora_b) for n, q in quantized_layers(model).items()
+                               if q.lora_a is not None}, out_dir)
 
-    layers = {n: q for n, q in quantized_layers(model).items() if q.lora_a is not None}
-    ranks = {n: q.lora_a.shape[0] for n, q in layers.items()}
+
+def write_compensation(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | os.PathLike) -> Path:
+    """{layer: (A [k, in], B [out, k])} as a peft LoRA adapter folder with scaling 1 (alpha = rank per layer),
+    the factors stored in float16 (float16-exact already, see Context._compensate: stored as counted)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
     r = max(ranks.values())
-    plain = dequantize_(copy.deepcopy(model)).float()
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=list(layers), init_lora_weights=False,
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(factors), init_lora_weights=False,
                      rank_pattern={n: k for n, k in ranks.items() if k != r},
                      alpha_pattern={n: k for n, k in ranks.items() if k != r})
-    peft_model = get_peft_model(plain, cfg)
-    base = peft_model.base_model.model
-    for name, q in layers.items():
-        mod = base.get_submodule(name)
-        mod.lora_A["default"].weight.copy_(q.lora_a)
-        mod.lora_B["default"].weight.copy_(q.lora_b)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.half()  # float16-exact already (balanced_factors): stored as counted, 2 bytes each
     out = Path(out_dir)
-    peft_model.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(out)
+    tensors = {}
+    for n, (a, b) in factors.items():  # peft's names in a saved adapter: the adapter name left out
+        tensors[f"base_model.model.{n}.lora_A.weight"] = a.detach().half().contiguous()
+        tensors[f"base_model.model.{n}.lora_B.weight"] = b.detach().half().contiguous()
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     return out

@@ -138,11 +138,17 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
     cap_mult = getattr(cfg, "rho", 1.0)
     caps = {n: min(round(cfg.rank * cap_mult), *shapes[n]) for n in names}
     layer_stats = stats.__getitem__ if stats.layers else (lambda n: None)  # data-free methods get None
+    lazy = getattr(model, "rankwise_lazy", None)
+
+    def weight(n: str) -> Tensor:  # a block not in memory (rankwise.lazy): this one weight read from the checkpoint
+        w = modules[n].weight.detach()
+        return _full(lazy.read(f"{n}.weight") if w.is_meta and lazy is not None else w)
+
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
-        scores = {n: impl.candidates(layer_stats(n), _full(modules[n].weight), cfg, caps[n]) for n in names}
+        scores = {n: impl.candidates(layer_stats(n), weight(n), cfg, caps[n]) for n in names}
     else:
-        scores = _group_scores(impl, stats, modules, cfg, caps)
+        scores = _group_scores(impl, stats, weight, cfg, caps)
         ranks = allocate_by_score(scores, budget=cfg.rank * len(names))
     if getattr(impl, "needs_original", False) and (missing := [n for n in names if n not in originals]):
         raise PlanError(f"method {method!r}: no original weight for {missing[0]} ({len(missing)} layers in all); "
@@ -156,7 +162,7 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
             extra = {"original": originals[n], "module": modules[n]} if getattr(impl, "needs_original", False) else {}
             if getattr(impl, "needs_grad", False):
                 extra["grad"] = stats.gradient(n)
-            li = impl.init(layer_stats(n), _full(modules[n].weight.detach()), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
+            li = impl.init(layer_stats(n), weight(n), r, cfg, name=n, scale=scaling(a, r, cfg.rslora), **extra)
             lp.lora_A, lp.lora_B = li.A.detach().cpu(), li.B.detach().cpu()
             lp.residual, lp.note, lp.new_base = li.residual, li.note, li.base
             lp.core = None if li.core is None else li.core.detach().cpu()
@@ -170,16 +176,18 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
 
 def _full(w: Tensor) -> Tensor:
     """The whole weight of an FSDP2-sharded layer (all-gathered: every rank plans the same layers in the same
-    order), the weight itself otherwise."""
-    return w.full_tensor() if hasattr(w, "full_tensor") else w
+    order), the weight itself otherwise; in float32 when the model is bfloat16/float16, so that every init
+    computes, and returns its factors, in float32 (the adapter's own dtype) whatever the base's dtype."""
+    w = w.full_tensor() if hasattr(w, "full_tensor") else w
+    return w.float() if w.dtype in (torch.bfloat16, torch.float16) else w
 
 
-def _group_scores(impl, stats: Stats, modules, cfg, caps) -> dict[str, Tensor]:
+def _group_scores(impl, stats: Stats, weight, cfg, caps) -> dict[str, Tensor]:
     """Candidate scores per module; modules sharing an input share one spectrum (computed once)."""
     scores: dict[str, Tensor] = {}
     for canonical, members in stats.groups().items():
         cap = max(caps[m] for m in members)
-        s = impl.candidates(stats[canonical], _full(modules[canonical].weight), cfg, cap)
+        s = impl.candidates(stats[canonical], weight(canonical), cfg, cap)
         for m in members:
             scores[m] = s[: caps[m]]
     return scores

@@ -162,10 +162,15 @@ def check_model(model: nn.Module, targets: str, cfg: QuantConfig) -> list[str]:
             check_grid(cfg.grid_for(n), w.shape[1], n)
         except ValueError as e:
             raise QuantError(str(e)) from None
-        if not torch.isfinite(w).all():
-            bad = int((~torch.isfinite(w)).sum())
-            raise QuantError(f"{n}: {bad} weights are NaN or inf; a quantization grid cannot hold them (check the checkpoint)")
+        if not w.is_meta:  # a block not read yet (rankwise.lazy) is checked when it is read
+            check_finite(n, w)
     return names
+
+
+def check_finite(name: str, w: Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QuantError(f"{name}: {bad} weights are NaN or inf; a quantization grid cannot hold them (check the checkpoint)")
 
 
 def _groups(names: Sequence[str], aliases: dict[str, str]) -> list[list[str]]:
@@ -175,8 +180,13 @@ def _groups(names: Sequence[str], aliases: dict[str, str]) -> list[list[str]]:
     return list(out.values())
 
 
-def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn") -> QuantReport:
-    """Data-free quantization in place (torchao style): `quantize_(model, RTNConfig(bits=4))`."""
+def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn", after_block=None, riders: dict | None = None,
+              on_output=None) -> QuantReport:
+    """Data-free quantization in place (torchao style): `quantize_(model, RTNConfig(bits=4))`.
+
+    A lazily loaded model (rankwise.lazy) is quantized one block at a time, each block read, quantized,
+    handed to `after_block(i, block)` and freed; with `riders` (calibrate's), the blocks are run over them
+    too, in one block-sequential pass that measures nothing the quantizer uses."""
     quantizer = get_quantizer(method)
     if not isinstance(config, quantizer.config):
         raise QuantError(f"{method} takes a {quantizer.config.__name__}, not a {type(config).__name__}")
@@ -190,22 +200,59 @@ def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn") -> Qua
     report = QuantReport(method, config.model_dump())
     t = time.perf_counter()
     with torch.no_grad():
-        quantizer.quantize_groups(Context(model, config, report), [[n] for n in names], config)
+        if riders:
+            def step(group: list[str], stats: Stats) -> None:  # data-free: the pass only carries the riders
+                quantizer.quantize_groups(Context(model, config, report), [[n] for n in group], config)
+
+            first = next(iter(riders.values()))[1]
+            calibrate(model, first, config.targets, keep=1, progress=False, use_label_mask=False, step=step,
+                      after_block=after_block, riders=riders, on_output=on_output)
+        elif getattr(model, "rankwise_lazy", None) is None and after_block is None:
+            quantizer.quantize_groups(Context(model, config, report), [[n] for n in names], config)
+        else:
+            _quantize_blocks(model, names, quantizer, config, report, after_block)
     report.seconds = time.perf_counter() - t
     return report
 
 
+def _quantize_blocks(model: nn.Module, names: list[str], quantizer, config: QuantConfig, report: QuantReport,
+                     after_block) -> None:
+    """quantize_ one block at a time: read it (lazy), check and quantize its targets, after_block, free it."""
+    from ..calib.blocks import find_blocks
+
+    found = find_blocks(model, names)
+    if found is None:
+        raise QuantError("quantizing block by block needs a stack of blocks holding the targets")
+    prefix, blocks = found
+    lazy = getattr(model, "rankwise_lazy", None)
+    inside = [[n for n in names if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    outside = [n for n in names if not any(n in group for group in inside)]
+    ctx = Context(model, config, report)
+    quantizer.quantize_groups(ctx, [[n] for n in outside], config)
+    for i, group in enumerate(inside):
+        if lazy is not None:
+            lazy.load(f"{prefix}.{i}")
+        for n in group:
+            check_finite(n, model.get_submodule(n).weight)
+        quantizer.quantize_groups(ctx, [[n] for n in group], config)
+        if after_block is not None:
+            after_block(i, blocks[i])
+        if lazy is not None:
+            lazy.free(f"{prefix}.{i}")
+
+
 def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gptq", *, progress: bool = True,
-             **options) -> QuantReport:
+             after_block=None, riders: dict | None = None, on_output=None, **options) -> QuantReport:
     """Quantize `model` in place with `method` (rtn, gptq, awq, …); options are the method's config keys.
 
     Calibrated methods run block-sequentially over `batches` (see the module docstring). Returns a
-    report of each layer's error, storage bits and time.
+    report of each layer's error, storage bits and time. after_block, riders, on_output: calibrate's (a
+    lazily loaded model written block by block, held-out batches carried through the same pass).
     """
     quantizer = get_quantizer(method)
     cfg = quantizer.config.build(where=f"quantize {method}", **options)
     if not quantizer.observe:
-        return quantize_(model, cfg, method)
+        return quantize_(model, cfg, method, after_block=after_block, riders=riders, on_output=on_output)
     if not batches:
         raise QuantError(f"{method} needs calibration batches (rankwise.load_data); only rtn is data-free")
     unfuse_experts_(model)
@@ -216,7 +263,8 @@ def quantize(model: nn.Module, batches: Sequence[dict] | None, method: str = "gp
         stats = calibrate(model, batches, cfg.targets, observe=quantizer.observe, progress=progress,
                           use_label_mask=False,  # every token the model reads matters, prompts included
                           step=quant_step(model, quantizer, cfg, report),
-                          true_sequential=getattr(cfg, "true_sequential", False))
+                          true_sequential=getattr(cfg, "true_sequential", False),
+                          after_block=after_block, riders=riders, on_output=on_output)
     finally:
         for q in quantized_layers(model).values():
             q.cache_weight_(False)
@@ -233,6 +281,9 @@ def quant_step(model: nn.Module, quantizer, cfg: QuantConfig, report: QuantRepor
         reached = [n for n in group_names if (n in stats.layers or n in stats.aliases) and stats[n].n > 0]
         report.unrouted += [n for n in group_names if n not in reached]  # an expert no token chose: left float
         group_names = reached
+        for n in group_names:
+            if not isinstance(model.get_submodule(n), QuantLinear):
+                check_finite(n, model.get_submodule(n).weight)
         for q in quantized_layers(model).values():  # earlier blocks have fed theirs: drop their float copies
             q.cache_weight_(False)
         ctx = Context(model, cfg, report, stats)

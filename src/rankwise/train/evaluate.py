@@ -25,12 +25,26 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
     context. A window's first token has no context inside it, so consecutive windows overlap by at
     least one token (stride is capped at window − 1). Returns {"perplexity", "nll", "tokens"}.
     """
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total = NllSum()
+    batches = window_batches(token_ids, window, stride, batch_size)
+    for batch in progress_bar(batches, disable=not progress, desc="perplexity", leave=False):
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        total.add(out.logits, batch["labels"])
+    model.train(was)
+    return total.result()
+
+
+def window_batches(token_ids: list[int], window: int, stride: int, batch_size: int) -> list[dict]:
+    """The strided windows of `perplexity` as batches {input_ids, attention_mask, labels} (labels −100 on the
+    tokens an earlier window already scored)."""
     if len(token_ids) < 2:
         raise DataError(f"perplexity needs at least 2 tokens (got {len(token_ids)})")
     if window < 2 or not 0 < stride <= window:
         raise DataError(f"need window ≥ 2 and stride in (0, window]; got stride={stride}, window={window}")
     stride = min(stride, window - 1)
-    device = next(model.parameters()).device
     jobs, prev_end = [], 0
     for begin in range(0, len(token_ids) - 1, stride):
         end = min(begin + window, len(token_ids))
@@ -38,10 +52,8 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
         prev_end = end
         if end == len(token_ids):
             break
-    was = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    for i in progress_bar(range(0, len(jobs), batch_size), disable=not progress, desc="perplexity", leave=False):
+    batches = []
+    for i in range(0, len(jobs), batch_size):
         chunk = jobs[i : i + batch_size]
         width = max(e - b for b, e, _ in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -51,12 +63,25 @@ def perplexity(model, token_ids: list[int], window: int = 256, stride: int = 128
             seq = torch.tensor(token_ids[b:e])
             ids[r, : e - b], mask[r, : e - b] = seq, 1
             labels[r, e - b - n_new : e - b] = seq[-n_new:]
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        tgt = labels[:, 1:].to(device)
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((tgt != -100).sum())
-    model.train(was)
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+class NllSum:
+    """Σ −log p of the labelled next tokens over batches of logits; `result()` → {"perplexity", "nll", "tokens"}."""
+
+    def __init__(self):
+        self.nll, self.count = 0.0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits[:, :-1].float()
+        tgt = labels[:, 1:].to(logits.device)
+        self.nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                          reduction="sum"))
+        self.count += int((tgt != -100).sum())
+
+    def result(self) -> dict:
+        return {"perplexity": math.exp(self.nll / self.count), "nll": self.nll / self.count, "tokens": self.count}
 
 
 @torch.no_grad()
