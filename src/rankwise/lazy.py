@@ -10,6 +10,7 @@ block costs its own size in memory and nothing else.
 
 from __future__ import annotations
 
+import gc
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,9 +52,10 @@ class Shards:
                 handle = safe_open(str(folder / name), framework="pt")
             except Exception as e:  # safetensors raises its own error type for a damaged header or a short file
                 raise ModelLoadError(f"{folder}: shard {name} is truncated or damaged{holds}: {e}") from None
-            self._open[name] = handle
             for key in handle.keys():
                 self.where[key] = name
+            del handle
+        self.files = files
         absent = [k for k, f in wanted.items() if k not in self.where]
         if absent:
             raise ModelLoadError(f"{folder}: tensor {absent[0]} is listed in {index.name} for shard {wanted[absent[0]]}, "
@@ -62,17 +64,28 @@ class Shards:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._open[name]
+
+    def release(self) -> None:
+        """Close the shards: a memory-mapped page read stays resident (and counted) while its file is mapped."""
+        self._open.clear()
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open[self.where[key]].get_slice(key).get_shape())
+        return tuple(self._handle(self.where[key]).get_slice(key).get_shape())
 
     def get(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        t = self._open[self.where[key]].get_tensor(key)
+        t = self._handle(self.where[key]).get_tensor(key)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
 
     def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in self._open)
+        return sum((self.folder / f).stat().st_size for f in self.files)
 
 
 def _key_map(model: nn.Module, shards: Shards) -> dict[str, str]:
@@ -133,10 +146,16 @@ class Lazy:
             for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
                 if t is not None and not t.is_meta:
                     _replace(module, attr, torch.empty_like(t, device="meta"))
+        self.shards.release()
+        gc.collect()  # copies made of the block (for writing it) may sit in reference cycles, holding its tensors
+        trim_heap()
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor of the model (by its name in the model) read from the checkpoint, not installed."""
-        return self.shards.get(self.keys[name], self.dtype, self.device)
+        try:
+            return self.shards.get(self.keys[name], self.dtype, self.device)
+        finally:
+            self.shards.release()
 
     def hollow(self) -> None:
         """Every tensor still on the meta device replaced by a zero-stride view of one zero: shapes, dtypes and
@@ -160,6 +179,41 @@ class Lazy:
                 self.free(prefix)
 
 
+def _libc():
+    """glibc, or False where there is none (macOS, musl): the heap calls below are then skipped."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 (both must exist)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def steady_heap() -> None:
+    """Allocations of 128 KiB and more straight from the system (glibc's mallopt M_MMAP_THRESHOLD), so that a
+    freed block's tensors go back to it at once. By default glibc raises that threshold to the size of each
+    large buffer freed (up to 32 MiB) and serves the next ones from its heap, which then grows block after
+    block with pieces it keeps for reuse."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD (a fixed value also turns its dynamic adjustment off)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _replace(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
@@ -173,6 +227,7 @@ def lazy_model(folder: Path, cls, config, dtype: torch.dtype, blocks: str) -> nn
     tensors do not map one to one onto the model's. `blocks`: the stack's name or its dotted suffix."""
     from accelerate import init_empty_weights
 
+    steady_heap()
     shards = Shards(folder)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, dtype=dtype)
@@ -183,6 +238,7 @@ def lazy_model(folder: Path, cls, config, dtype: torch.dtype, blocks: str) -> nn
     keys = _key_map(model, shards)
     lazy = Lazy(model, shards, keys, dtype, blocks)
     lazy.load("", skip=blocks)  # embeddings, final norm, head: everything but the blocks
+    shards.release()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.rankwise_lazy = lazy

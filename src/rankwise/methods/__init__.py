@@ -58,6 +58,9 @@ class InitMethod(Protocol):
     # True: the method starts from the weight gradient of the task loss (calibrate_gradients); init() then
     # also takes grad= (the mean-loss gradient [out, in] of that layer).
     needs_grad: bool
+    # False: the method uses only the weight's shape and dtype (EVA, plain LoRA), so a model read block by block
+    # (rankwise.lazy) is not read again for it. Taken as True when a method does not say.
+    reads_weight: bool
 
     def candidates(self, stats: LayerStats | None, weight: Tensor, cfg: InitConfig, cap: int) -> Tensor:
         """Scores [m ≤ cap], descending, for the allocation to rank across layers."""

@@ -32,6 +32,7 @@ class Eva:
 
     config = EvaConfig
     needs = "spectrum"
+    reads_weight = False  # A from the inputs' spectrum, B zero: the weight's shape and dtype only
     summary = "EVA (Paischer et al. 2024): A = top principal directions of the layer's inputs, B = 0; ranks by explained variance"
     changes_base = False
     # Plain EVA's A passes 55–85× more of the inputs' energy than a Kaiming-initialized A (‖AX‖²/‖X‖² on

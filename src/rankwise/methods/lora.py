@@ -25,6 +25,7 @@ class RandomLora:
 
     config = LoraInitConfig
     needs = "none"
+    reads_weight = False  # random A, zero B
     summary = "LoRA (Hu et al. 2021; peft's default): A Kaiming-uniform, B = 0"
     changes_base = False
     default_lr = 3e-3  # benchmarks/init_zoo.py: of the rates run on both tasks, the one whose worse task is closest to its best (SST-2 0.996 of best, GSM8K 1.000)

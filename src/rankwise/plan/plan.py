@@ -142,7 +142,9 @@ def plan(stats: Stats | None, model: nn.Module, method: str = "eva", targets="al
 
     def weight(n: str) -> Tensor:  # a block not in memory (rankwise.lazy): this one weight read from the checkpoint
         w = modules[n].weight.detach()
-        return _full(lazy.read(f"{n}.weight") if w.is_meta and lazy is not None else w)
+        if w.is_meta and lazy is not None and getattr(impl, "reads_weight", True):
+            w = lazy.read(f"{n}.weight")
+        return _full(w)
 
     if cfg.allocation == "uniform":
         ranks = allocate_uniform(caps, cfg.rank)
