@@ -6,7 +6,6 @@ model (as before) would add 12 blocks' worth, about 3 × 12 × 14 MB here; the b
 """
 
 import json
-import resource  # noqa: F401  (used in the child)
 import subprocess
 import sys
 

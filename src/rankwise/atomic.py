@@ -10,6 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """ConfigError, before any work, when `out` (an output folder) or a folder above it is an existing file."""
+    from .errors import ConfigError
+
+    for p in (Path(out), *Path(out).parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{flag} {out}: {p} is a file, not a folder; choose another {flag}")
+
+
 def write_text(path: Path, text: str) -> None:
     """Write `text` to path.tmp, then rename it over `path`."""
     path = Path(path)

@@ -35,3 +35,7 @@ class QuantError(RankwiseError):
 
 class DistributedError(RankwiseError):
     """A multi-process run cannot go on: another rank failed, or the processes disagree."""
+
+
+class MemoryBudgetError(RankwiseError):
+    """The estimated peak memory of a run exceeds what the machine (or GPU) has."""

@@ -110,6 +110,9 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     from ..data.sources import check_source, load_data
     from .jobs import load_for_export
 
+    from ..atomic import check_out_dir
+
+    check_out_dir(job.out)
     verb, opts = _options(job)
     # bad options fail before the model loads
     (SVDConfig if job.method in SVD_METHODS else PlanConfig).build(where=f"rankwise compress --method {job.method}",

@@ -63,7 +63,10 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
 
     from ..models import fit_seq_len
 
+    from ..atomic import check_out_dir
+
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
+    check_out_dir(job.out)
     device = dist.init_from_env(job.device)
     progress = progress and dist.is_main()
     t0 = time.perf_counter()
@@ -77,6 +80,9 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
         lazy = getattr(model, "rankwise_lazy", None)
         if keep is not None or needs_grad:  # data-free methods skip calibration entirely
             seq_len = fit_seq_len(model, job.seq_len, _note if dist.is_main() else (lambda *a: None))
+            from ..memory import check_fits
+
+            check_fits(model, device, job.n_samples * seq_len, 0, f"init {job.method} on {job.model}")
             batches = load_data(job.data, tok, seq_len=seq_len, n=job.n_samples, batch_size=job.batch_size)
             batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
     t1 = time.perf_counter()
@@ -141,8 +147,11 @@ def load_for_export(job, device: str, log, lazy: bool = False):
     fitted to its position table, and a format that could not hold this model refused now, before any work."""
     from ..models import fit_seq_len
 
+    from ..memory import check_fits
+
     model, tok = load_model_on(job.model, device, job.dtype, lazy, log)
     job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
+    check_fits(model, device, job.n_samples * job.seq_len, 2 * job.eval_tokens, f"{job.method} on {job.model}")
     if job.format == "compressed-tensors":
         from ..export.compressed_tensors import check_model_type
 

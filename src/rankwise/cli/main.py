@@ -412,10 +412,12 @@ def export_cmd(
     """Merge an adapter into its base model and save a folder `AutoModel*.from_pretrained` loads.
 
     A classification adapter is merged with its trained head and class names (config id2label)."""
+    from ..atomic import check_out_dir
     from .evaluate import merge_adapter
 
     if _other_rank():
         return
+    check_out_dir(out)
     console.print(f"merged model written to [bold]{merge_adapter(adapter, out, model)}[/bold]")
 
 

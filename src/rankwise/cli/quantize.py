@@ -123,6 +123,9 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     from ..quant import get_quantizer, quantize
     from .jobs import load_for_export
 
+    from ..atomic import check_out_dir
+
+    check_out_dir(job.out)
     quantizer = get_quantizer(job.method)  # unknown method / bad options fail before the model loads
     options = dict(bits=job.bits, group_size=job.group_size, symmetric=job.symmetric, targets=job.targets) | job.options
     if job.method == "awq" and job.format != "safetensors" and "explicit_scales" not in job.options:

@@ -149,6 +149,9 @@ def check_resume(cfg: RunConfig) -> None:
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    from ..atomic import check_out_dir
+
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not resume:
         if not (out / "config.yaml").exists():
             raise ConfigError(f"{out} exists and is not a rankwise run folder; choose another --out")

@@ -78,7 +78,8 @@ def load_factored(path: str | os.PathLike, cls, config, dtype: torch.dtype = tor
     layers, load the weights."""
     path = Path(path)
     ranks = getattr(config, FIELD)["ranks"]
-    model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)).to(dtype)
+    # built in `dtype` (not cast after): buffers such as the rotary frequencies stay float32, as from_pretrained keeps them
+    model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
     saved = (getattr(config, "architectures", None) or [None])[0]
     if saved is not None and type(model).__name__ != saved:
         raise ModelLoadError(f"{path} is a factored {saved}; it reloads only as that architecture, not as "
