@@ -231,6 +231,8 @@ def lazy_model(folder: Path, cls, config, dtype: torch.dtype, blocks: str) -> nn
     shards = Shards(folder)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # the head is the embedding: one tensor in the checkpoint, one name in the key map
     stacks = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and (n == blocks or n.endswith("." + blocks))]
     if len(stacks) != 1:
         raise NotLazy(f"no single block stack named {blocks!r} in {type(model).__name__}")

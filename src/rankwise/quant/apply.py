@@ -203,9 +203,12 @@ def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn", after_
         if riders:
             def step(group: list[str], stats: Stats) -> None:  # data-free: the pass only carries the riders
                 quantizer.quantize_groups(Context(model, config, report), [[n] for n in group], config)
+                for n in group:  # what the pass measured is not used: bound memory to one block's statistics
+                    if n in stats.layers:
+                        stats.layers[n].m2 = None
 
-            first = next(iter(riders.values()))[1]
-            calibrate(model, first, config.targets, keep=1, progress=False, use_label_mask=False, step=step,
+            first = next(iter(riders.values()))[1][:1]  # the pass needs batches of its own; they measure nothing used
+            calibrate(model, first, config.targets, progress=False, use_label_mask=False, step=step,
                       after_block=after_block, riders=riders, on_output=on_output)
         elif getattr(model, "rankwise_lazy", None) is None and after_block is None:
             quantizer.quantize_groups(Context(model, config, report), [[n] for n in names], config)
