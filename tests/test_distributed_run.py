@@ -377,13 +377,13 @@ def test_cli_nproc_block_sequential_commands_equal_one_process(tiny_model_dir, t
     assert r1["tokens"] == r2["tokens"] > 0
     # SVD: the merged weights (a factor pair's signs may flip together between solves; the product does not)
     folder = "merged" if command[0] == "compress" else "model"
-    files = sorted(p.relative_to(written[1]) for p in (written[1] / folder).rglob("*.safetensors"))
-    assert files
-    for f in files:
-        a, b = load_file(written[1] / f), load_file(written[2] / f)
-        assert a.keys() == b.keys()
-        for k in a:
-            if a[k].dtype.is_floating_point:
-                assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4), (f, k)
-            else:
-                assert torch.equal(a[k], b[k]), (f, k)
+    # one process streams its output block by block (one shard per block), several write it whole: same tensors
+    tensors = [{k: v for f in sorted((written[n] / folder).rglob("*.safetensors")) for k, v in load_file(f).items()
+                if "compensation" not in f.parts} for n in (1, 2)]
+    a, b = tensors
+    assert a and a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype.is_floating_point:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4), k
+        else:
+            assert torch.equal(a[k], b[k]), k
