@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,7 +54,6 @@ class Shards:
             for key in handle.keys():
                 self.where[key] = name
             del handle
-        self.files = files
         absent = [k for k, f in wanted.items() if k not in self.where]
         if absent:
             raise ModelLoadError(f"{folder}: tensor {absent[0]} is listed in {index.name} for shard {wanted[absent[0]]}, "
@@ -83,9 +81,6 @@ class Shards:
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
-
-    def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in self.files)
 
 
 def _key_map(model: nn.Module, shards: Shards) -> dict[str, str]:
@@ -166,17 +161,6 @@ class Lazy:
                 if t is not None and t.is_meta:
                     _replace(module, attr, torch.zeros((), dtype=t.dtype, device=self.device).expand(t.shape))
         self.model.rankwise_hollow = True
-
-    @contextmanager
-    def loaded(self, prefix: str):
-        """The module under `prefix` loaded for the duration, freed after if it was on meta before."""
-        was_meta = any(t.is_meta for t in self.model.get_submodule(prefix).parameters())
-        self.load(prefix)
-        try:
-            yield self.model.get_submodule(prefix)
-        finally:
-            if was_meta:
-                self.free(prefix)
 
 
 def _libc():

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-
-import torch
 from pathlib import Path
-
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from ..config import StrictModel
@@ -61,9 +59,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
     from ..methods import config_options, get_init, grads_for, keep_for
     from ..plan.plan import plan
 
-    from ..models import fit_seq_len
-
     from ..atomic import check_out_dir
+    from ..models import fit_seq_len
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
     check_out_dir(job.out)
@@ -145,9 +142,8 @@ def _move_loaded(model, device: str):
 def load_for_export(job, device: str, log, lazy: bool = False):
     """(model, tokenizer, job) for quantize/compress: the model on `device` (lazy: see load_model_on), job.seq_len
     fitted to its position table, and a format that could not hold this model refused now, before any work."""
-    from ..models import fit_seq_len
-
     from ..memory import check_fits
+    from ..models import fit_seq_len
 
     model, tok = load_model_on(job.model, device, job.dtype, lazy, log)
     job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
