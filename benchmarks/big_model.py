@@ -11,8 +11,9 @@ rerun (--fresh starts over).
    beat), and one block-wise forward pass over the calibration tokens (what GPTQ's pass needs at least).
 3. Runs each verb as the `rankwise` command in its own process and records its peak resident memory
    (getrusage of that child) and wall time: quantize rtn and gptq (W4g128, compressed-tensors), compress
-   svd-llm --ratio 0.8, init eva --rank 16. The compressed-tensors output is reloaded: its first block's
-   dequantized weights must equal the codes rankwise wrote, bit for bit.
+   svd-llm --ratio 0.8, init eva --rank 16; for the 1b shape also `train` (a few LoRA steps on the whole bf16
+   base with --gradient-checkpointing). The compressed-tensors output is reloaded: its first block's
+   dequantized weights must equal the codes rankwise wrote, bit for bit. Each output is removed once measured.
 Times are reported as ratios to the references measured in the same run (these machines are noisy).
 """
 
@@ -44,6 +45,9 @@ RUNS = {
     "gptq": ("quantize", "--method", "gptq", "--group-size", "128", "--format", "compressed-tensors"),
     "svd-llm": ("compress", "--method", "svd-llm", "--ratio", "0.8"),
     "eva": ("init", "--method", "eva", "--rank", "16"),
+    # the 1b shape: a few LoRA steps on the whole bf16 base (train reads the model whole), checkpointed blocks
+    "train": ("train", "--method", "lora", "--steps", "3", "--seq-len", "256", "--batch-size", "4",
+              "--gradient-checkpointing", "--max-eval-examples", "8", "--no-merge", "--quiet"),
 }
 MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t)")
@@ -55,7 +59,7 @@ def config(shape: str):
     hidden, blocks, mlp, heads, kv, vocab = SHAPES[shape]
     return LlamaConfig(hidden_size=hidden, num_hidden_layers=blocks, intermediate_size=mlp, num_attention_heads=heads,
                        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0,
-                       tie_word_embeddings=False, dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                       tie_word_embeddings=shape == "1b", dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tokenizer(vocab: int):
@@ -144,11 +148,13 @@ def forward_seconds(folder: Path) -> float:
 def run_verb(name: str, folder: Path, out: Path) -> dict:
     exe = shutil.which("rankwise") or str(Path(sys.executable).parent / "rankwise")
     args = [exe, *RUNS[name], "--model", str(folder), "--out", str(out / name)]
-    args += [a for a in CALIB if name != "eva" or a not in ("--eval-tokens", "0")]
+    if name != "train":
+        args += [a for a in CALIB if name != "eva" or a not in ("--eval-tokens", "0")]
     r = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True)
     code, kb, seconds = r.stdout.split()[-3:]
+    written = sum(f.stat().st_size for f in (out / name).rglob("*") if f.is_file()) if (out / name).exists() else 0
     return {"returncode": int(code), "peak_rss_gib": int(kb) / 2**20, "seconds": float(seconds),
-            "stderr_tail": r.stderr[-500:]}
+            "output_gib": written / 2**30, "stderr_tail": r.stderr[-500:]}
 
 
 def check_reload(out: Path, source: Path, method: str) -> dict:
@@ -209,6 +215,7 @@ def main() -> None:
         r["peak_fraction_of_checkpoint"] = r["peak_rss_gib"] / rec["checkpoint_gib"]
         if name in ("rtn", "gptq") and r["returncode"] == 0:
             r["reload"] = check_reload(args.dir / "out" / name / "model", folder, name)
+        shutil.rmtree(args.dir / "out" / name, ignore_errors=True)  # outputs of 16 GB models fill a disk fast
         rec.setdefault("runs", {})[name] = r
         save()
         print(name, {k: v for k, v in r.items() if k != "stderr_tail"}, flush=True)

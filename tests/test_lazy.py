@@ -132,7 +132,7 @@ def test_out_that_is_a_file_and_too_little_memory_are_refused(sharded, tmp_path)
         r = run(*args, "--model", sharded, "--out", afile)
         assert r.returncode != 0 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr, args
     assert afile.read_text() == "keep me"
-    env = ENV | {"RANKWISE_MAX_MEMORY": "1MB"}
+    env = ENV | {"RANKWISE_MAX_MEMORY": "1KB"}  # not even one block (1MB would fit with the cache in files)
     import subprocess
 
     from test_cli import EXE
@@ -142,3 +142,55 @@ def test_out_that_is_a_file_and_too_little_memory_are_refused(sharded, tmp_path)
     assert r.returncode != 0 and "GiB more" in r.stderr and "--n-samples" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "q").exists()
     assert "RANKWISE_MAX_MEMORY" not in os.environ
+
+
+def test_offloaded_cache_quantizes_identically_and_leaves_nothing(sharded, batches, tmp_path, monkeypatch):
+    """Hidden states round-trip through safetensors files bit for bit, so GPTQ on a lazily read model gives the
+    same weights with the cache in files as in memory; the files exist during the pass and are gone after."""
+    from rankwise.calib import blocks
+    from rankwise.quant.linear import quantized_layers
+
+    written = []
+    real_set = blocks.SpilledCache.__setitem__
+    monkeypatch.setattr(blocks.SpilledCache, "__setitem__",
+                        lambda self, b, h: (real_set(self, b, h), written.append(self.folder / f"{b}.safetensors")))
+    weights = {}
+    for folder in (None, tmp_path / "cache"):
+        model, _ = load_model(sharded, lazy=True)
+        blocks.offload_cache(model, folder)
+
+        def keep(i, block, folder=folder):
+            assert folder is None or written[-1].exists()  # the cache is in files while the pass runs
+            weights.setdefault(folder, {}).update({(i, n): q.grid_weight() for n, q in quantized_layers(block).items()})
+
+        rankwise.quantize(model, batches, "gptq", progress=False, bits=4, group_size=32, after_block=keep)
+    assert written and weights[None].keys() == weights[tmp_path / "cache"].keys() and len(weights[None]) == 14
+    assert all(torch.equal(w, weights[tmp_path / "cache"][n]) for n, w in weights[None].items())
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_spills_when_only_it_does_not_fit_and_disk_is_checked(sharded, tmp_path, monkeypatch):
+    from rankwise import memory
+    from rankwise.errors import DiskSpaceError, MemoryBudgetError
+
+    model, _ = load_model(sharded, lazy=True)
+    parts = memory.estimate(model, 10_000)
+    assert parts["cache"] > 0
+    rest = sum(parts.values()) - parts["cache"]
+    monkeypatch.setenv("RANKWISE_MAX_MEMORY", str(rest + parts["cache"] // 2))  # fits without the cache only
+    notes = []
+    got = memory.check_fits(model, "cpu", 10_000, log=notes.append)
+    assert got["cache"] == 0 and model.rankwise_cache_dir is not None and "--offload-cache" in notes[0]
+    monkeypatch.setenv("RANKWISE_MAX_MEMORY", str(rest // 2))  # not even without it: refused
+    with pytest.raises(MemoryBudgetError):
+        memory.check_fits(load_model(sharded, lazy=True)[0], "cpu", 10_000)
+    with pytest.raises(DiskSpaceError, match="GiB free"):
+        memory.check_disk(tmp_path / "not" / "yet", 2**60, "the output")
+    # the CLI checks the output's size against the disk before any work
+    monkeypatch.delenv("RANKWISE_MAX_MEMORY")
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    from rankwise.cli.quantize import QuantJob, run_quantize
+
+    with pytest.raises(DiskSpaceError, match="the output of rtn"):
+        run_quantize(QuantJob(model=str(sharded), method="rtn", out=tmp_path / "q", eval_tokens=0), progress=False)
+    assert not (tmp_path / "q").exists()

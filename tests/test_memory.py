@@ -15,7 +15,7 @@ import torch
 from test_cli import ENV, EXE
 
 HIDDEN, MLP, HEADS, KV = 768, 2048, 12, 4
-SMALL = ("--n-samples", "8", "--seq-len", "64", "--batch-size", "4", "--eval-tokens", "256", "--quiet")
+SMALL = ("--n-samples", "8", "--seq-len", "64", "--batch-size", "4", "--eval-tokens", "128", "--quiet")
 # peak RSS of the command run as the only child of a small Python process
 MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
            "sys.stderr.write(r.stderr); print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -61,7 +61,7 @@ def peak_mb(*args) -> float:
 @pytest.mark.parametrize("verb", [("quantize", "--method", "gptq"), ("init", "--method", "eva"),
                                   ("compress", "--method", "svd-llm", "--allocation", "uniform")], ids=lambda v: v[0])
 def test_peak_memory_does_not_grow_with_depth(checkpoints, tmp_path, verb):
-    small = [a for a in SMALL if verb[0] != "init" or a not in ("--eval-tokens", "256")]
+    small = [a for a in SMALL if verb[0] != "init" or a not in ("--eval-tokens", "128")]
     peaks = {d: peak_mb(*verb, "--model", path, "--out", tmp_path / f"out-{d}", *small) for d, path in checkpoints.items()}
     if verb[0] == "quantize":
         report = json.loads((tmp_path / "out-16" / "report.json").read_text())

@@ -39,3 +39,7 @@ class DistributedError(RankwiseError):
 
 class MemoryBudgetError(RankwiseError):
     """The estimated peak memory of a run exceeds what the machine (or GPU) has."""
+
+
+class DiskSpaceError(RankwiseError):
+    """The output (or the hidden-state cache) would not fit on the disk it goes to."""

@@ -12,11 +12,14 @@ RANKWISE_MAX_MEMORY (bytes, or with a unit: 8GB, 6GiB) caps what a run may plan 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import MemoryBudgetError
+from .errors import DiskSpaceError, MemoryBudgetError
 
 def available_bytes(device: str | torch.device = "cpu") -> int | None:
     """Free memory of the device (CUDA: free GPU memory; CPU: MemAvailable), capped by RANKWISE_MAX_MEMORY."""
@@ -60,10 +63,28 @@ def estimate(model: nn.Module, tokens: int, riders: int = 0) -> dict[str, int]:
     }
 
 
-def check_fits(model: nn.Module, device, tokens: int, riders: int = 0, what: str = "this run") -> dict[str, int]:
-    """MemoryBudgetError when estimate() exceeds available_bytes(); returns the estimate."""
+def check_fits(model: nn.Module, device, tokens: int, riders: int = 0, what: str = "this run",
+               cache_dir: str | Path | None = None, log=None) -> dict[str, int]:
+    """MemoryBudgetError when estimate() exceeds available_bytes(); returns the estimate.
+
+    cache_dir: the hidden-state cache goes to files there (calib.blocks.offload_cache). Without it, a run that
+    fits only without its cache has the cache put in the system's temporary folder, said through `log`.
+    Either way the folder must have room for the cache (DiskSpaceError otherwise)."""
+    from .calib.blocks import offload_cache
+
     parts = estimate(model, tokens, riders)
-    need, free = sum(parts.values()), available_bytes(device)
+    free = available_bytes(device)
+    spill = cache_dir
+    if spill is None and free is not None and sum(parts.values()) > free >= sum(parts.values()) - parts["cache"]:
+        spill = tempfile.gettempdir()
+        if log is not None:
+            log(f"the hidden-state cache ({parts['cache'] / 2**30:.2f} GiB) would not fit in memory: it goes to "
+                f"files under {spill} (choose the folder with --offload-cache DIR)")
+    if spill is not None:
+        check_disk(spill, parts["cache"], "the hidden-state cache")
+        offload_cache(model, spill)
+        parts["cache"] = 0
+    need = sum(parts.values())
     if free is not None and need > free:
         detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
         lazy = getattr(model, "rankwise_lazy", None) is not None
@@ -73,3 +94,37 @@ def check_fits(model: nn.Module, device, tokens: int, riders: int = 0, what: str
             + ("" if lazy else ", or a safetensors checkpoint (read one block at a time instead of whole)")
             + "; nothing was written")
     return parts
+
+
+def check_disk(folder: str | Path, need: int, what: str) -> None:
+    """DiskSpaceError when the file system holding `folder` (or its nearest existing parent) has less than
+    `need` bytes free."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise DiskSpaceError(f"{what} needs about {need / 2**30:.2f} GiB on disk and {path} has "
+                             f"{free / 2**30:.2f} GiB free; choose another folder; nothing was written")
+
+
+def output_bytes(model: nn.Module, kind: str, bits: int = 16, group_size: int | None = None, keep: float = 1.0) -> int:
+    """Bytes of the model written as `kind`: "dense" (every tensor in the model's dtype), "quantized" (the
+    targeted linears at `bits` per weight plus a 16-bit scale and zero per group, the rest dense) or
+    "factored" (the targeted linears at `keep` of their size). Shapes only: a lazily loaded model's
+    unread tensors count."""
+    from .targets import find_targets
+
+    modules = dict(model.named_modules())
+    linears = {id(modules[n].weight) for n in find_targets(model, "all-linear") if hasattr(modules[n], "weight")}
+    total = 0
+    for p in {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values():
+        elt = p.element_size()
+        if id(p) not in linears or kind == "dense":
+            total += p.numel() * elt
+        elif kind == "quantized":
+            groups = p.numel() // (group_size or p.shape[-1])
+            total += p.numel() * bits // 8 + groups * 4
+        else:
+            total += int(p.numel() * elt * keep)
+    return total

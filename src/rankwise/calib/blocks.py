@@ -6,6 +6,11 @@ whole and peak memory is one block plus the cached hidden states, whatever the d
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +47,46 @@ def _shaped_like(out, h: Tensor):
     if isinstance(out, (tuple, list)) and len(out) > 1:
         return type(out)([h, *out[1:]])
     return h
+
+
+class SpilledCache:
+    """The hidden states of a pass's batches kept in files (one safetensors file per batch, in a temporary folder
+    under `folder`) instead of memory: a list's `len`, `[b]` and `[b] = h`, and `clear()` removing the folder.
+    Memory then holds the batch being computed, whatever the number of calibration tokens."""
+
+    def __init__(self, folder: str | Path, n: int):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder, self.n = Path(tempfile.mkdtemp(prefix="rankwise-cache-", dir=folder)), n
+        self.devices: list[torch.device | None] = [None] * n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, b: int) -> Tensor | None:
+        from safetensors.torch import load_file
+
+        if self.devices[b] is None:
+            return None
+        return load_file(self.folder / f"{b}.safetensors")["h"].to(self.devices[b])
+
+    def __setitem__(self, b: int, h: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{b}.safetensors"
+        save_file({"h": h.detach().contiguous().cpu()}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        self.devices[b] = h.device
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.devices = [None] * self.n
+
+
+def offload_cache(model: nn.Module, folder: str | Path | None) -> nn.Module:
+    """Keep the hidden states that block-by-block passes cache (one per calibration batch) in files under
+    `folder` instead of memory (None: in memory again); returns the model."""
+    model.rankwise_cache_dir = None if folder is None else Path(folder)
+    return model
 
 
 def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList] | None:
@@ -101,6 +146,7 @@ class BlockRunner:
         self.step, self.true_sequential = step, true_sequential
         self.transforms = step is not None and transforms  # a step that only reads needs no second block pass
         self.lazy = getattr(model, "rankwise_lazy", None)
+        self.cache_dir = getattr(model, "rankwise_cache_dir", None)  # offload_cache(): hidden states in files
         self.after_block, self.riders, self.on_output = after_block, dict(riders or {}), on_output
         n_blocks = len(self.blocks)
         self.inside = [[n for n in names if n.startswith(f"{self.prefix}.{i}.")] for i in range(n_blocks)]
@@ -198,7 +244,8 @@ class BlockRunner:
         """Pass 1 over `batches`: the model's prefix only (embeddings, masks, rotary tables); returns block 0's
         inputs and each block's call arguments [block][batch]."""
         n_blocks, last = len(self.blocks), len(self.blocks) - 1
-        hidden: list[Tensor | None] = [None] * len(batches)
+        hidden = [None] * len(batches) if self.cache_dir is None else SpilledCache(self.cache_dir, len(batches))
+        self._caches.append(hidden)
         calls: list[list] = [[None] * len(batches) for _ in range(n_blocks)]
         like: dict[type, object] = {}  # what a block returns, learned once per block class from a real block
 
@@ -254,6 +301,16 @@ class BlockRunner:
             final.clear()
 
     def run(self, batches, masks, device, progress: bool) -> None:
+        self._caches: list = []  # every hidden-state cache of this run, emptied however it ends
+        try:
+            self._run(batches, masks, device, progress)
+        finally:
+            for cache in self._caches:
+                cache.clear()  # drop the cached activations before handing GPU memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _run(self, batches, masks, device, progress: bool) -> None:
         n_blocks, last = len(self.blocks), len(self.blocks) - 1
         # Pass 1: the model's prefix only (embeddings, masks, rotary tables); records each block's call.
         self.recorder.active = set()
@@ -308,7 +365,4 @@ class BlockRunner:
             self.done()
             if self.step is not None:
                 self.step(tail, self.stats)
-        hidden.clear()  # drop the cached activations before handing GPU memory back
         final.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -50,6 +50,18 @@ class CompressJob(StrictModel):
     fields: Fields = Fields()  # which record fields hold the calibration text
     recover_steps: int = Field(0, ge=0)  # SVD methods: PELA recovery steps after compressing (0: none)
     recover_lr: float = Field(1e-4, gt=0)
+    offload_cache: Path | None = None  # hidden-state cache in files under this folder (None: in memory if it fits)
+
+    def output_bytes(self, model) -> int:
+        """About what the output takes on disk (checked before the run starts): SVD methods write the factors
+        and the merged dense model; the planners one model in their format."""
+        from ..memory import output_bytes
+
+        if self.method in SVD_METHODS:
+            return output_bytes(model, "factored", keep=self.ratio or 1.0) + output_bytes(model, "dense")
+        if self.format == "safetensors":
+            return output_bytes(model, "dense")
+        return output_bytes(model, "quantized", bits=max(self.bits), group_size=self.group_size)
 
 
 def _options(job: CompressJob) -> tuple[callable, dict]:

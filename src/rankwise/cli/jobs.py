@@ -32,6 +32,7 @@ class InitJob(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the model's compute dtype; auto: the checkpoint's own
     out: Path = Path("runs/init")
     save_stats: bool = False
+    offload_cache: Path | None = None  # hidden-state cache in files under this folder (None: in memory if it fits)
     options: dict = {}  # the method's own keys (e.g. {"niter": 4} for pissa), validated by its config
 
 
@@ -79,7 +80,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
             seq_len = fit_seq_len(model, job.seq_len, _note if dist.is_main() else (lambda *a: None))
             from ..memory import check_fits
 
-            check_fits(model, device, job.n_samples * seq_len, 0, f"init {job.method} on {job.model}")
+            check_fits(model, device, job.n_samples * seq_len, 0, f"init {job.method} on {job.model}",
+                       job.offload_cache, _note)
             batches = load_data(job.data, tok, seq_len=seq_len, n=job.n_samples, batch_size=job.batch_size)
             batches = dist.shard(batches, "calibration batches (--n-samples / --batch-size)")
     t1 = time.perf_counter()
@@ -142,12 +144,14 @@ def _move_loaded(model, device: str):
 def load_for_export(job, device: str, log, lazy: bool = False):
     """(model, tokenizer, job) for quantize/compress: the model on `device` (lazy: see load_model_on), job.seq_len
     fitted to its position table, and a format that could not hold this model refused now, before any work."""
-    from ..memory import check_fits
+    from ..memory import check_disk, check_fits
     from ..models import fit_seq_len
 
     model, tok = load_model_on(job.model, device, job.dtype, lazy, log)
     job = job.model_copy(update={"seq_len": fit_seq_len(model, job.seq_len, log)})
-    check_fits(model, device, job.n_samples * job.seq_len, 2 * job.eval_tokens, f"{job.method} on {job.model}")
+    check_fits(model, device, job.n_samples * job.seq_len, 2 * job.eval_tokens, f"{job.method} on {job.model}",
+               job.offload_cache, log)
+    check_disk(job.out, job.output_bytes(model), f"the output of {job.method} on {job.model}")
     if job.format == "compressed-tensors":
         from ..export.compressed_tensors import check_model_type
 

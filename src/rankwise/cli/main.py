@@ -44,6 +44,7 @@ def _root(
 _DTYPE_HELP = ("Compute dtype of the model: auto (the checkpoint's own, e.g. bfloat16 for most hub models, float32 for "
                "the embedded ones), bfloat16, float16 or float32. Statistics and each layer's solver stay float32/64.")
 _DTYPE = typer.Option("auto", "--dtype", help=_DTYPE_HELP)
+_OFFLOAD = typer.Option(None, "--offload-cache", help="Keep the cached hidden states of the calibration batches in files under this folder instead of memory (default: in memory, or the system's temporary folder, said in the log, when they would not fit).")
 
 _FIELD_HELP = {
     "text": "Field/column holding plain text in .jsonl/.json/.csv/.tsv records (default 'text').",
@@ -70,6 +71,7 @@ def init(
     use_label_mask: bool = typer.Option(True, help="Skip tokens whose label is -100 (prompts) in the statistics."),
     device: str = typer.Option("cpu", help="Torch device, e.g. 'cpu' or 'cuda'."),
     dtype: str = _DTYPE,
+    offload_cache: Optional[Path] = _OFFLOAD,
     out: Path = typer.Option(Path("runs/init"), help="Output folder: peft adapter + plan.json (replaced atomically)."),
     save_stats: bool = typer.Option(False, help="Also write the full calibration statistics (stats.safetensors)."),
     init_opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --init-opt niter=4; `rankwise config show --method NAME` lists them."),
@@ -81,7 +83,8 @@ def init(
 
     job = InitJob.build(where="rankwise init", model=model, data=data, method=method, rank=rank, alpha=alpha, rho=rho,
                         whiten=whiten, targets=targets, seq_len=seq_len, n_samples=n_samples, batch_size=batch_size,
-                        use_label_mask=use_label_mask, device=device, dtype=dtype, out=out, save_stats=save_stats, options=_init_opts(init_opt))
+                        use_label_mask=use_label_mask, device=device, dtype=dtype, offload_cache=offload_cache, out=out,
+                        save_stats=save_stats, options=_init_opts(init_opt))
     result = run_init(job, progress=not quiet)
     if not _is_main():
         return
@@ -110,6 +113,7 @@ def quantize(
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to measure (0: skip)."),
     device: str = typer.Option("cpu", help="Torch device."),
     dtype: str = _DTYPE,
+    offload_cache: Optional[Path] = _OFFLOAD,
     out: Path = typer.Option(Path("runs/quantize"), help="Output folder: model (or model.gguf), report.md, report.json, errors.png."),
     opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --opt act_order=true; `rankwise quantizers` lists them."),
     text_field: Optional[str] = typer.Option(None, help=_FIELD_HELP["text"]),
@@ -126,7 +130,8 @@ def quantize(
     job = QuantJob.build(where="rankwise quantize", model=model, data=data, method=method, bits=bits,
                          group_size=group_size or None, symmetric=symmetric, targets=targets, seq_len=seq_len,
                          n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
-                         eval_tokens=eval_tokens, device=device, dtype=dtype, out=out, options=_init_opts(opt, "--opt"),
+                         eval_tokens=eval_tokens, device=device, dtype=dtype, offload_cache=offload_cache, out=out,
+                         options=_init_opts(opt, "--opt"),
                          fields=_fields(text_field, prompt_field, completion_field, messages_field))
     s = run_quantize(job, progress=not quiet, log=console.print)
     if not _is_main():
@@ -188,6 +193,7 @@ def compress(
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to measure (0: skip)."),
     device: str = typer.Option("cpu", help="Torch device."),
     dtype: str = _DTYPE,
+    offload_cache: Optional[Path] = _OFFLOAD,
     out: Path = typer.Option(Path("runs/compress"), help="Output folder: model/ (+ merged/), report.md, report.json, plots."),
     opt: Optional[list[str]] = typer.Option(None, help="An option of the method (SVD: alpha, min_rank, floor) or of the quantizer (mixed/joint: damp, act_order, …) as KEY=VALUE."),
     recover_steps: int = typer.Option(0, help="SVD methods: then train the factors this many steps on --data (PELA: distil the original model's hidden states and logits, weights regularized toward the originals); 0: no recovery."),
@@ -208,8 +214,8 @@ def compress(
                             ranks=_int_list(ranks, "--ranks"), svd=svd, group_size=group_size or None,
                             symmetric=symmetric, quantizer=quantizer, targets=targets, seq_len=seq_len,
                             n_samples=n_samples, batch_size=batch_size, format=format, eval_data=eval_data,
-                            eval_tokens=eval_tokens, device=device, dtype=dtype, out=out, options=_init_opts(opt, "--opt"),
-                            recover_steps=recover_steps, recover_lr=recover_lr,
+                            eval_tokens=eval_tokens, device=device, dtype=dtype, offload_cache=offload_cache, out=out,
+                            options=_init_opts(opt, "--opt"), recover_steps=recover_steps, recover_lr=recover_lr,
                             fields=_fields(text_field, prompt_field, completion_field, messages_field))
     s = run_compress(job, progress=not quiet, log=console.print)
     if not _is_main():
@@ -304,7 +310,8 @@ _TRAIN_FLAGS = {"model": "model", "task": "task", "data": "data.train", "eval_da
                 "seq_len": "data.seq_len", "seed": "train.seed", "text_field": "data.text_field", "label_field": "data.label_field",
                 "prompt_field": "data.prompt_field", "completion_field": "data.completion_field",
                 "messages_field": "data.messages_field", "max_eval_examples": "data.max_eval_examples",
-                "eval_every": "train.eval_every", "out": "out", "device": "device", "dtype": "dtype", "merge": "merge", "base": "base.method"}
+                "eval_every": "train.eval_every", "out": "out", "device": "device", "dtype": "dtype", "merge": "merge", "base": "base.method",
+                "gradient_checkpointing": "train.gradient_checkpointing"}
 
 
 @app.command()
@@ -336,6 +343,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="Torch device."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP + " Adapters and optimizer state are float32 whatever the base."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Also write merged/ (adapter folded into the weights)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute each block's activations in the backward pass instead of keeping them (much less memory on a large base, about a third more time per step)."),
     init_opt: Optional[list[str]] = typer.Option(None, help="A method's own option as KEY=VALUE (repeatable), e.g. --init-opt niter=4 (sets init.KEY)."),
     base: Optional[str] = typer.Option(None, help="Compress the frozen base first (QLoRA-style): a quantizer (rtn, gptq, awq) or an SVD method (svd, asvd, svd-llm); default none. Inits loftq, loftq-aw and compensation start from its error."),
     base_opt: Optional[list[str]] = typer.Option(None, help="An option of --base as KEY=VALUE (repeatable), e.g. --base-opt bits=3 --base-opt group_size=64, or --base-opt ratio=0.8."),

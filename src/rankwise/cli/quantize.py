@@ -37,6 +37,16 @@ class QuantJob(StrictModel):
     out: Path = Path("runs/quantize")
     options: dict = {}  # the method's own keys, validated by its config
     fields: Fields = Fields()  # which record fields hold the calibration text
+    offload_cache: Path | None = None  # hidden-state cache in files under this folder (None: in memory if it fits)
+
+    def output_bytes(self, model) -> int:
+        """About what the output takes on disk (checked before the run starts)."""
+        from ..memory import output_bytes
+
+        if self.format == "safetensors":
+            return output_bytes(model, "dense")
+        return output_bytes(model, "quantized", bits=8 if self.format == "compressed-tensors" and not self.symmetric
+                            else self.bits, group_size=self.group_size)
 
 
 def _held_out_ppl(model, stream: list[int] | None, job) -> float | None:

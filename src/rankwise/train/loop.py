@@ -43,6 +43,9 @@ class TrainConfig(StrictModel):
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    # Recompute each block's activations in the backward instead of keeping them: memory of one block's
+    # activations instead of all of them, for about one more forward per step.
+    gradient_checkpointing: bool = False
 
 
 class TrainingInterrupted(RankwiseError):
@@ -283,6 +286,8 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     elif metrics is not None and main and metrics.exists():
         metrics.unlink()
     eval_batches = batchify(eval_ds.examples, tokenizer, cfg.batch_size) if eval_ds else []
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     model.train()
     bar = progress_bar(total=cfg.steps, initial=start, disable=not (progress and main), desc="train", unit="step")
     step, t_last = start, time.perf_counter()
@@ -323,6 +328,16 @@ def train(model, train_ds: Dataset, eval_ds: Dataset | None, cfg: TrainConfig, t
     result.step = step
     result.final_eval = {k: v for k, v in (result.history[-1] if result.history else {}).items() if k.startswith("eval_")}
     return result
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing of every block (transformers' own, non-reentrant: the frozen base's inputs need no
+    gradient for the adapters' gradients to flow); a model that does not support it is refused by name."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RankwiseError(f"{type(model).__name__} does not support gradient checkpointing; "
+                            "train without --gradient-checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def _forward_backward(model, params, ds, tokenizer, cfg, step, device, loss_fn=None) -> tuple[int, float, int]:
