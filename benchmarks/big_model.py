@@ -185,7 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="8b", choices=sorted(SHAPES))
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "rankwise" / "big")
-    ap.add_argument("--only", default=",".join(RUNS))
+    ap.add_argument("--only", help="comma-separated runs (default: all but train for 8b, train for 1b, all for tiny)")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     results_path = HERE / "results" / "big_model.json"
@@ -205,7 +205,8 @@ def main() -> None:
     if "forward_seconds" not in rec:
         rec["forward_seconds"] = forward_seconds(folder)
         save()
-    for name in args.only.split(","):
+    default = {"8b": [r for r in RUNS if r != "train"], "1b": ["train"]}.get(args.shape, list(RUNS))
+    for name in args.only.split(",") if args.only else default:
         if name in rec.get("runs", {}):
             continue
         r = run_verb(name, folder, args.dir / "out")
