@@ -131,7 +131,9 @@ def test_out_that_is_a_file_and_too_little_memory_are_refused(sharded, tmp_path)
     for args in (("train", "--steps", "1"), ("init",), ("quantize",), ("compress",)):
         r = run(*args, "--model", sharded, "--out", afile)
         assert r.returncode != 0 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr, args
-    assert afile.read_text() == "keep me"
+    r = run("init", "--model", sharded, "--offload-cache", afile, "--out", tmp_path / "i")
+    assert r.returncode != 0 and "--offload-cache" in r.stderr and "is a file" in r.stderr and "Traceback" not in r.stderr
+    assert afile.read_text() == "keep me" and not (tmp_path / "i").exists()
     env = ENV | {"RANKWISE_MAX_MEMORY": "1KB"}  # not even one block (1MB would fit with the cache in files)
     import subprocess
 

@@ -125,6 +125,8 @@ def run_compress(job: CompressJob, progress: bool = True, log=print) -> dict:
     from ..atomic import check_out_dir
 
     check_out_dir(job.out)
+    if job.offload_cache is not None:
+        check_out_dir(job.offload_cache, "--offload-cache")
     verb, opts = _options(job)
     # bad options fail before the model loads
     (SVDConfig if job.method in SVD_METHODS else PlanConfig).build(where=f"rankwise compress --method {job.method}",

@@ -65,6 +65,8 @@ def run_init(job: InitJob, progress: bool = True) -> dict:
 
     impl = get_init(job.method)  # an unknown method fails before anything is loaded
     check_out_dir(job.out)
+    if job.offload_cache is not None:
+        check_out_dir(job.offload_cache, "--offload-cache")
     device = dist.init_from_env(job.device)
     progress = progress and dist.is_main()
     t0 = time.perf_counter()

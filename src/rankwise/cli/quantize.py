@@ -136,6 +136,8 @@ def run_quantize(job: QuantJob, progress: bool = True, log=print) -> dict:
     from ..atomic import check_out_dir
 
     check_out_dir(job.out)
+    if job.offload_cache is not None:
+        check_out_dir(job.offload_cache, "--offload-cache")
     quantizer = get_quantizer(job.method)  # unknown method / bad options fail before the model loads
     options = dict(bits=job.bits, group_size=job.group_size, symmetric=job.symmetric, targets=job.targets) | job.options
     if job.method == "awq" and job.format != "safetensors" and "explicit_scales" not in job.options:
